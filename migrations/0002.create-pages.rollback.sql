@@ -1,0 +1,2 @@
+DROP TABLE pages;
+DROP EXTENSION IF EXISTS pg_trgm;

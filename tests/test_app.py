@@ -1,0 +1,137 @@
+"""Pages, errors, health, outages and serving over real HTTP."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import waitress
+
+import app as whoknows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_about_page_keeps_the_layout(client):
+    page = client.get("/about")
+    assert "About ¿Who Knows?" in page.text
+    assert 'id="nav-logo"' in page.text and 'class="footer"' in page.text
+
+
+def test_404_is_a_page_and_json_for_the_api(client):
+    page = client.get("/no/such/page", status=404)
+    assert page.content_type == "text/html"
+    assert "There is no page at this address." in page.text and 'id="nav-logo"' in page.text
+    api = client.get("/api/nothing", status=404)
+    assert api.json == {"statusCode": 404, "message": "There is no page at this address."}
+
+
+def test_unexpected_error_is_a_500_page_without_traceback(client, monkeypatch, caplog):
+    def boom(*args):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(whoknows, "search", boom)
+    page = client.get("/", {"q": "x"}, status=500)
+    assert "Something went wrong on our side" in page.text
+    assert "secret internals" not in page.text and "Traceback" not in page.text
+    assert "secret internals" in caplog.text
+
+
+def test_security_headers_on_every_response(client):
+    for response in (client.get("/"), client.get("/api/search", {"q": "x"}), client.get("/nope", status=404)):
+        csp = response.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"]
+
+
+def test_static_files(client):
+    assert "search-result" in client.get("/static/style.css").text
+    client.get("/static/../app.py", status=(403, 404))
+
+
+def test_healthz_ok(client):
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_healthz_reports_a_schema_behind(client, db):
+    last = whoknows.migration_ids()[-1]
+    row = db.execute("DELETE FROM _yoyo_migration WHERE migration_id = %s "
+                     "RETURNING migration_hash, migration_id, applied_at_utc", (last,)).fetchone()
+    try:
+        body = client.get("/healthz", status=503).json
+        assert body["status"] == "schema behind" and body["pending_migrations"] == [last]
+    finally:
+        db.execute("INSERT INTO _yoyo_migration (migration_hash, migration_id, applied_at_utc) "
+                   "VALUES (%(migration_hash)s, %(migration_id)s, %(applied_at_utc)s)", row)
+
+
+def test_503_while_the_database_is_down_then_recovery(client, add_page, proxy):
+    add_page("Outage", "survives the outage")
+    assert client.get("/api/search", {"q": "outage"}).json["total"] == 1
+    proxy.stop()
+    started = time.monotonic()
+    down = client.get("/api/search", {"q": "outage"}, status=503)
+    assert time.monotonic() - started < whoknows.POOL_TIMEOUT + 3
+    assert down.json["statusCode"] == 503 and "database is unavailable" in down.json["message"]
+    assert "database is unavailable" in client.get("/", {"q": "outage"}, status=503).text
+    assert client.get("/healthz", status=503).json == {"status": "database unavailable"}
+    proxy.start()
+    deadline = time.monotonic() + 15
+    while True:
+        response = client.get("/api/search", {"q": "outage"}, expect_errors=True)
+        if response.status_int == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert response.status_int == 200 and response.json["total"] == 1
+
+
+def test_real_waitress_server_over_http(add_page):
+    add_page("Waitress", "served over real HTTP")
+    server = waitress.create_server(whoknows.app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.effective_port}"
+        with urllib.request.urlopen(f"{base}/api/search?q=waitress") as response:
+            body = json.load(response)
+        assert response.status == 200 and body["data"][0]["title"] == "Waitress"
+        with urllib.request.urlopen(f"{base}/?q=waitres&language=en") as response:
+            assert "Waitress" in response.read().decode()
+    finally:
+        server.close()
+
+
+def run_app(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL must start with postgresql://"),
+    ({"DATABASE_URL": "postgresql://u@h/db?bogus_option=1"}, "DATABASE_URL is malformed"),
+    ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}, "cannot connect to the database"),
+    ({"PORT": "eighty"}, "PORT must be a whole number"),
+    ({"PORT": "70000"}, "PORT must be between 1 and 65535"),
+    ({"SECRET_KEY": "short"}, "SECRET_KEY must be at least 32 characters"),
+])
+def test_bad_configuration_gives_one_clear_line(env, message):
+    result = run_app("migrate", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere", **env})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_importing_app_starts_no_database():
+    code = "import app, sys; sys.exit(1 if app._pool is not None or app._embedded is not None else 0)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"})
+    assert result.returncode == 0, result.stderr

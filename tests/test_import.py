@@ -1,0 +1,148 @@
+"""Importing pages from JSON Lines and from a legacy SQLite whoknows.db."""
+
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import app as whoknows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def page(n, **overrides):
+    record = {"title": f"Title {n}", "url": f"https://example.org/{n}", "language": "en",
+              "last_updated": "2009-01-10 00:00:00", "content": f"content number {n}"}
+    record.update(overrides)
+    return record
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def import_quietly(path):
+    out = io.StringIO()
+    return whoknows.import_file(path, out=out), out.getvalue()
+
+
+def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
+    source = write_jsonl(tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"), page(3)])
+    summary, _ = import_quietly(source)
+    assert summary["pages"] == {"inserted": 3, "updated": 0, "unchanged": 0, "skipped": 0}
+    row = db.execute("SELECT language, last_updated, content FROM pages WHERE url = 'https://example.org/2'").fetchone()
+    assert row["language"] == "da" and row["content"] == "dansk tekst"
+    assert row["last_updated"].isoformat() == "2009-01-10T00:00:00+00:00"
+
+    write_jsonl(source, [page(1), page(2, content="changed"), page(3), page(4)])
+    summary, _ = import_quietly(source)
+    assert summary["pages"] == {"inserted": 1, "updated": 1, "unchanged": 2, "skipped": 0}
+    assert db.execute("SELECT count(*) AS n FROM pages").fetchone()["n"] == 4
+    assert db.execute("SELECT content FROM pages WHERE url = 'https://example.org/2'").fetchone()["content"] == "changed"
+
+
+def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
+    source = write_jsonl(tmp_path / "pages.jsonl", [
+        page(1),
+        "{not json",
+        page(3, language="de"),
+        page(4, title=""),
+        page(5, url="ftp://nope"),
+        page(6, last_updated="yesterday"),
+        page(7, content="nul\x00byte"),
+        "[1, 2]",
+        page(9),
+        page(10, url="https://example.org/9"),  # same url again: the later line wins
+    ])
+    summary, report = import_quietly(source)
+    assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 8}
+    for lineno, reason in [(2, "not valid JSON"), (3, "language must be 'en' or 'da'"), (4, "title is missing"),
+                           (5, "url must be an http(s) URL"), (6, "last_updated is not a timestamp"),
+                           (7, "content contains a NUL character"), (8, "not an object"),
+                           (9, "the same url or title appears again later")]:
+        assert f"skipped line {lineno}: {reason}" in report
+    titles = [r["title"] for r in db.execute("SELECT title FROM pages ORDER BY title")]
+    assert titles == ["Title 1", "Title 10"]
+
+
+def test_title_owned_by_another_url_is_skipped(tmp_path, db):
+    import_quietly(write_jsonl(tmp_path / "a.jsonl", [page(1)]))
+    summary, report = import_quietly(write_jsonl(tmp_path / "b.jsonl", [page(2, title="Title 1")]))
+    assert summary["pages"]["skipped"] == 1
+    assert "title 'Title 1' already belongs to another url" in report
+
+
+def make_legacy_db(path, users=(("admin", "admin@example.org", "5f4dcc3b5aa765d61d8327deb882cf99"),)):
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, username TEXT NOT NULL UNIQUE,
+                            email TEXT NOT NULL UNIQUE, password TEXT NOT NULL);
+        CREATE TABLE pages (title TEXT PRIMARY KEY UNIQUE, url TEXT NOT NULL UNIQUE,
+                            language TEXT NOT NULL DEFAULT 'en', last_updated TIMESTAMP, content TEXT NOT NULL);
+    """)
+    db.executemany("INSERT INTO pages VALUES (?, ?, ?, ?, ?)", [
+        ("Fortran", "http://en.wikipedia.org/wiki/Fortran", "en", "2008-12-20 00:00:00", "Fortran is a language."),
+        ("MATLAB", "http://en.wikipedia.org/wiki/Matlab", "en", None, "MATLAB does matrices."),
+        ("Broken", "not a url", "en", None, "x"),
+    ])
+    db.executemany("INSERT INTO users (username, email, password) VALUES (?, ?, ?)", users)
+    db.commit()
+    db.close()
+    return path
+
+
+def test_legacy_sqlite_import_with_users(tmp_path, db, client):
+    legacy = make_legacy_db(tmp_path / "whoknows.db", users=[
+        ("admin", "admin@example.org", "5f4dcc3b5aa765d61d8327deb882cf99"),
+        ("bad", "bad@example.org", "not-a-hash"),
+    ])
+    summary, report = import_quietly(legacy)
+    assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 1}
+    assert summary["users"] == {"inserted": 1, "existing": 0, "skipped": 1}
+    assert "skipped line 3: url must be an http(s) URL" in report
+    assert "skipped user row 2" in report
+    user = db.execute("SELECT username, email, password_hash FROM users").fetchone()
+    assert user == {"username": "admin", "email": "admin@example.org",
+                    "password_hash": "md5$5f4dcc3b5aa765d61d8327deb882cf99"}
+    assert client.get("/api/search", {"q": "fortran"}).json["data"][0]["title"] == "Fortran"
+
+    summary, _ = import_quietly(legacy)
+    assert summary["pages"] == {"inserted": 0, "updated": 0, "unchanged": 2, "skipped": 1}
+    assert summary["users"] == {"inserted": 0, "existing": 1, "skipped": 1}
+    assert db.execute("SELECT count(*) AS n FROM users").fetchone()["n"] == 1
+
+
+def test_reimport_never_resets_an_upgraded_password(tmp_path, db):
+    legacy = make_legacy_db(tmp_path / "whoknows.db")
+    import_quietly(legacy)
+    db.execute("UPDATE users SET password_hash = 'scrypt$upgraded' WHERE username = 'admin'")
+    import_quietly(legacy)
+    assert db.execute("SELECT password_hash FROM users").fetchone()["password_hash"] == "scrypt$upgraded"
+
+
+def test_import_command_line(tmp_path, database_url):
+    source = write_jsonl(tmp_path / "pages.jsonl", [page(1), "{bad"])
+    env = {**os.environ, "DATABASE_URL": database_url}
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "import", str(source)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pages: inserted 1, updated 0, unchanged 0, skipped 1" in result.stdout
+    assert "skipped line 2: not valid JSON" in result.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "app.py"), "import", str(tmp_path / "nope.jsonl")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.jsonl")
+    assert "Traceback" not in missing.stderr
+
+
+def test_sample_pages_load_only_into_an_empty_table(db, client):
+    assert whoknows.load_sample_pages() is True
+    count = db.execute("SELECT count(*) AS n, count(DISTINCT language) AS langs FROM pages").fetchone()
+    assert count["n"] >= 30 and count["langs"] == 2
+    assert whoknows.load_sample_pages() is False
+    assert client.get("/api/search", {"q": "fortran"}).json["total"] >= 1
+    assert client.get("/api/search", {"q": "søgemaskine", "language": "da"}).json["total"] >= 1

@@ -1,0 +1,23 @@
+"""Every query file is documented, parameterized, and used by the app."""
+
+from pathlib import Path
+
+import pytest
+
+import app as whoknows
+
+ROOT = Path(__file__).resolve().parent.parent
+QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
+
+
+@pytest.mark.parametrize("path", QUERY_FILES, ids=lambda p: p.name)
+def test_query_file_is_documented_and_used(path):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("-- "), "the first line documents what the query returns"
+    assert "{" not in text.replace("'{a}'", ""), "no templating: values go in as %(name)s"
+    assert f'sql("{path.stem}")' in (ROOT / "app.py").read_text(encoding="utf-8"), "unused query file"
+
+
+def test_unknown_query_fails_loudly():
+    with pytest.raises(LookupError, match="queries/nope.sql"):
+        whoknows.sql("nope")
