@@ -664,8 +664,9 @@ def validate_page(record):
     values = {}
     for name in ("title", "url", "content"):
         value = record.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{name} is missing or empty")
+        # Some legacy pages have empty content; they are still pages.
+        if not isinstance(value, str) or (name != "content" and not value.strip()):
+            raise ValueError(f"{name} is missing or empty" if name != "content" else "content is missing")
         if "\x00" in value:
             raise ValueError(f"{name} contains a NUL character")
         values[name] = value.strip() if name != "content" else value

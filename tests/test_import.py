@@ -32,14 +32,15 @@ def import_quietly(path):
 
 
 def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
-    source = write_jsonl(tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"), page(3)])
+    source = write_jsonl(tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"),
+                                                     page(3, content="")])  # legacy pages may be empty
     summary, _ = import_quietly(source)
     assert summary["pages"] == {"inserted": 3, "updated": 0, "unchanged": 0, "skipped": 0}
     row = db.execute("SELECT language, last_updated, content FROM pages WHERE url = 'https://example.org/2'").fetchone()
     assert row["language"] == "da" and row["content"] == "dansk tekst"
     assert row["last_updated"].isoformat() == "2009-01-10T00:00:00+00:00"
 
-    write_jsonl(source, [page(1), page(2, content="changed"), page(3), page(4)])
+    write_jsonl(source, [page(1), page(2, content="changed"), page(3, content=""), page(4)])
     summary, _ = import_quietly(source)
     assert summary["pages"] == {"inserted": 1, "updated": 1, "unchanged": 2, "skipped": 0}
     assert db.execute("SELECT count(*) AS n FROM pages").fetchone()["n"] == 4
@@ -56,18 +57,19 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
         page(6, last_updated="yesterday"),
         page(7, content="nul\x00byte"),
         "[1, 2]",
-        page(9),
-        page(10, url="https://example.org/9"),  # same url again: the later line wins
+        page(9, content=None),
+        page(10),
+        page(11, url="https://example.org/10"),  # same url again: the later line wins
     ])
     summary, report = import_quietly(source)
-    assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 8}
+    assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 9}
     for lineno, reason in [(2, "not valid JSON"), (3, "language must be 'en' or 'da'"), (4, "title is missing"),
                            (5, "url must be an http(s) URL"), (6, "last_updated is not a timestamp"),
                            (7, "content contains a NUL character"), (8, "not an object"),
-                           (9, "the same url or title appears again later")]:
+                           (9, "content is missing"), (10, "the same url or title appears again later")]:
         assert f"skipped line {lineno}: {reason}" in report
     titles = [r["title"] for r in db.execute("SELECT title FROM pages ORDER BY title")]
-    assert titles == ["Title 1", "Title 10"]
+    assert titles == ["Title 1", "Title 11"]
 
 
 def test_title_owned_by_another_url_is_skipped(tmp_path, db):
