@@ -5,12 +5,16 @@ routes, error handlers, import, command line. Run `python app.py --help`.
 """
 
 import argparse
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import html
 import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import sys
 import threading
@@ -79,6 +83,18 @@ def int_setting(name, default, low, high):
     return value
 
 
+def bool_setting(name, default):
+    """Return a true/false setting, or raise ConfigError naming the bad value."""
+    raw = setting(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
 def database_url_setting():
     """Return the configured libpq URL (DATABASE_URL or POSTGRES_*), or None."""
     url = setting("DATABASE_URL")
@@ -122,9 +138,16 @@ def load_config():
         "THREADS": int_setting("THREADS", 8, 1, 256),
         "POOL_MAX_SIZE": int_setting("POOL_MAX_SIZE", 12, 1, 1000),
         "POOL_TIMEOUT": int_setting("POOL_TIMEOUT", 5, 1, 300),
+        "SESSION_DAYS": int_setting("SESSION_DAYS", 14, 1, 365),
+        "COOKIE_SECURE": bool_setting("COOKIE_SECURE", False),
+        "LOGIN_MAX_FAILURES": int_setting("LOGIN_MAX_FAILURES", 5, 1, 1000),
+        "LOGIN_LOCK_MINUTES": int_setting("LOGIN_LOCK_MINUTES", 15, 1, 24 * 60),
     }
     if config["SECRET_KEY"] is not None and len(config["SECRET_KEY"]) < 32:
         raise ConfigError("SECRET_KEY must be at least 32 characters (try: openssl rand -hex 32)")
+    if config["DATABASE_URL"] and config["SECRET_KEY"] is None:
+        # No production default: a configured database means a real deployment.
+        raise ConfigError("SECRET_KEY is required when a database is configured (try: openssl rand -hex 32)")
     return config
 
 
@@ -146,6 +169,10 @@ DATA_DIR = CONFIG["DATA_DIR"]
 THREADS = CONFIG["THREADS"]
 POOL_MAX_SIZE = CONFIG["POOL_MAX_SIZE"]
 POOL_TIMEOUT = CONFIG["POOL_TIMEOUT"]
+SESSION_DAYS = CONFIG["SESSION_DAYS"]
+COOKIE_SECURE = CONFIG["COOKIE_SECURE"]
+LOGIN_MAX_FAILURES = CONFIG["LOGIN_MAX_FAILURES"]
+LOGIN_LOCK_MINUTES = CONFIG["LOGIN_LOCK_MINUTES"]
 
 LANGUAGES = {"en": "english", "da": "danish"}
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -317,10 +344,13 @@ templates = jinja2.Environment(
 
 
 def render(name, **context):
-    """Render templates/<name> with the request's common context."""
-    context.setdefault("user", None)
-    context.setdefault("flashes", [])
-    context.setdefault("languages", LANGUAGES)
+    """Render templates/<name> with the user, the flash messages and the context."""
+    if "user" not in context:
+        try:
+            context["user"] = current_user()
+        except psycopg.OperationalError:  # an error page during an outage still renders
+            context["user"] = None
+    context["flashes"] = take_flashes()
     return templates.get_template(name).render(**context)
 
 
@@ -381,8 +411,12 @@ def json_body(status, payload):
 
 
 def is_api_request():
-    """True for /api/ paths and for clients that prefer JSON."""
-    return bottle.request.path.startswith("/api/") or wants_json()
+    """True for clients that prefer JSON, and for /api/ paths unless a browser
+    asks for HTML (a form posted to /api/login gets its errors as a page)."""
+    if wants_json():
+        return True
+    accept = bottle.request.headers.get("Accept", "")
+    return bottle.request.path.startswith("/api/") and "text/html" not in accept
 
 
 def error_page(status, message):
@@ -392,6 +426,192 @@ def error_page(status, message):
     bottle.response.status = status
     bottle.response.content_type = "text/html; charset=utf-8"
     return render("error.html", status=status, message=message)
+
+
+# Security: secret key, passwords, sessions, flash #############################
+
+_secret = None
+
+
+def secret_key():
+    """Return SECRET_KEY as bytes; on the embedded default, a key kept in DATA_DIR."""
+    global _secret
+    if _secret is None:
+        if CONFIG["SECRET_KEY"]:
+            _secret = CONFIG["SECRET_KEY"].encode()
+        else:
+            # Only reachable without a configured database (load_config ensures it).
+            path = DATA_DIR / "secret_key"
+            DATA_DIR.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as file:
+                    file.write(secrets.token_hex(32))
+            _secret = path.read_text().strip().encode()
+    return _secret
+
+
+def keyed_hash(value):
+    """Return a hex HMAC-SHA256 of value under the secret key."""
+    return hmac.new(secret_key(), value.encode(), hashlib.sha256).hexdigest()
+
+
+# scrypt with n=2**15, r=8, p=1 uses 32 MiB and takes about 70 ms here: slow
+# enough to make guessing expensive, fast enough for a login. Two hashes at a
+# time at most (one per core), so a flood of logins queues instead of
+# exhausting memory and CPU.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+MAX_PASSWORD_LENGTH = 256
+MIN_PASSWORD_LENGTH = 6
+_hash_slots = threading.BoundedSemaphore(2)
+
+
+def _scrypt(password, salt, n, r, p):
+    with _hash_slots:
+        return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=128 * r * n + 2**20, dklen=32)
+
+
+def hash_password(password):
+    """Return a salted scrypt hash string: scrypt$log2n$r$p$salt$hash."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    b64 = base64.urlsafe_b64encode
+    return f"scrypt${SCRYPT_N.bit_length() - 1}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(stored, password):
+    """True if password matches a stored scrypt or legacy md5 hash (constant time)."""
+    if stored.startswith("md5$"):
+        candidate = hashlib.md5(password.encode()).hexdigest()  # noqa: S324 (legacy check only)
+        return hmac.compare_digest(candidate, stored[4:])
+    try:
+        _, log_n, r, p, salt, digest = stored.split("$")
+        salt, digest = base64.urlsafe_b64decode(salt), base64.urlsafe_b64decode(digest)
+        actual = _scrypt(password, salt, 2 ** int(log_n), int(r), int(p))
+    except ValueError:
+        log.error("unreadable password hash in the database")
+        return False
+    return hmac.compare_digest(actual, digest)
+
+
+_dummy_hash = None
+
+
+def burn_password_check(password):
+    """Spend the time of a real check, so unknown usernames are not faster."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_password(secrets.token_hex(16))
+    check_password(_dummy_hash, password)
+
+
+SESSION_COOKIE = "session"
+FLASH_COOKIE = "flash"
+
+
+def token_hash(token):
+    """Return the SHA-256 of a session token (what the sessions table stores)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def cookie_options(max_age):
+    """Return the flags for our cookies: HttpOnly, SameSite=Lax, Secure on https."""
+    secure = COOKIE_SECURE or bottle.request.urlparts.scheme == "https"
+    return {"path": "/", "httponly": True, "samesite": "lax", "secure": secure, "max_age": max_age}
+
+
+def current_user():
+    """Return the logged-in user (id, username, must_change_password) or None."""
+    environ = bottle.request.environ
+    if "whoknows.user" not in environ:
+        user = None
+        token = bottle.request.get_cookie(SESSION_COOKIE)
+        if token:
+            with get_pool().connection() as conn:
+                user = conn.execute(sql("get_session_user"), {"token_hash": token_hash(token)}).fetchone()
+        environ["whoknows.user"] = user
+    return environ["whoknows.user"]
+
+
+def start_session(conn, user_id):
+    """Replace any current session with a new one (a new id: no fixation)."""
+    old = bottle.request.get_cookie(SESSION_COOKIE)
+    if old:
+        conn.execute(sql("delete_session"), {"token_hash": token_hash(old)})
+    token = secrets.token_urlsafe(32)
+    conn.execute(sql("insert_session"), {"token_hash": token_hash(token), "user_id": user_id, "days": SESSION_DAYS})
+    bottle.response.set_cookie(SESSION_COOKIE, token, **cookie_options(SESSION_DAYS * 86400))
+
+
+def end_session(conn):
+    """Delete the current session on the server and in the browser."""
+    token = bottle.request.get_cookie(SESSION_COOKIE)
+    if token:
+        conn.execute(sql("delete_session"), {"token_hash": token_hash(token)})
+    bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+
+
+def sign(payload):
+    """Return payload (bytes) and its HMAC, as a cookie-safe string."""
+    mac = hmac.new(secret_key(), payload, hashlib.sha256).digest()
+    b64 = base64.urlsafe_b64encode
+    return f"{b64(payload).decode()}.{b64(mac).decode()}"
+
+
+def unsign(value):
+    """Return the payload of a signed string, or None if it was tampered with."""
+    try:
+        payload, mac = (base64.urlsafe_b64decode(part) for part in value.split(".", 1))
+    except ValueError:
+        return None
+    expected = hmac.new(secret_key(), payload, hashlib.sha256).digest()
+    return payload if hmac.compare_digest(mac, expected) else None
+
+
+def flash(message):
+    """Queue a message for the next page shown (survives one redirect)."""
+    environ = bottle.request.environ
+    environ.setdefault("whoknows.flash", []).append(message)
+    value = sign(json.dumps(environ["whoknows.flash"]).encode())
+    bottle.response.set_cookie(FLASH_COOKIE, value, **cookie_options(300))
+
+
+def take_flashes():
+    """Return the queued messages and clear them, so each shows once."""
+    value = bottle.request.get_cookie(FLASH_COOKIE)
+    if not value:
+        return []
+    bottle.response.delete_cookie(FLASH_COOKIE, path="/")
+    payload = unsign(value)
+    try:
+        messages = json.loads(payload) if payload else []
+    except ValueError:
+        return []
+    return [m for m in messages if isinstance(m, str)] if isinstance(messages, list) else []
+
+
+def redirect(url):
+    """Redirect with 303 See Other (after a POST, the browser GETs url)."""
+    bottle.redirect(url, 303)
+
+
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def is_cross_site():
+    """True when a browser marks the request as cross-site.
+
+    Sec-Fetch-Site is set by modern browsers and cannot be forged by a page;
+    without it, fall back to comparing Origin with Host. Clients that send
+    neither (curl, scripts, the legacy tests) are not browsers and pass.
+    """
+    fetch_site = bottle.request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = bottle.request.headers.get("Origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != bottle.request.headers.get("Host", "").lower()
 
 
 # Search #######################################################################
@@ -503,13 +723,28 @@ def result_json(row):
 
 app = bottle.Bottle()
 SERVER_ERROR_MESSAGE = "Something went wrong on our side. It has been logged."
+PASSWORD_CHANGE_MESSAGE = "Your password must be changed before you continue: it was stored unsafely by the old site."
+
+
+# While an account still has its leaked legacy hash, only these paths work.
+PASSWORD_CHANGE_PATHS = ("/change-password", "/api/change-password", "/api/logout", "/static/", "/healthz")
 
 
 def error_guard(callback):
-    """Plugin: a database outage becomes a 503, any other error a logged 500."""
+    """Plugin: refuse cross-site writes, hold legacy accounts at the password
+    change, and turn a database outage into a 503 and any other error into a
+    logged 500."""
 
     def wrapper(*args, **kwargs):
         try:
+            if bottle.request.method in UNSAFE_METHODS and is_cross_site():
+                return error_page(403, "Cross-site request refused.")
+            if not bottle.request.path.startswith(PASSWORD_CHANGE_PATHS):
+                user = current_user()
+                if user and user["must_change_password"]:
+                    if is_api_request():
+                        return error_page(403, PASSWORD_CHANGE_MESSAGE)
+                    redirect("/change-password")
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise  # redirects and deliberate HTTP errors
@@ -572,6 +807,32 @@ def about_page():
     return render("about.html")
 
 
+@app.get("/login")
+def login_page():
+    """Show the login form (a logged-in user goes to search)."""
+    if current_user():
+        redirect("/")
+    return render("login.html", username="")
+
+
+@app.get("/register")
+def register_page():
+    """Show the registration form (a logged-in user goes to search)."""
+    if current_user():
+        redirect("/")
+    return render("register.html", username="", email="")
+
+
+@app.get("/change-password")
+def change_password_page():
+    """Show the password change form to a logged-in user."""
+    user = current_user()
+    if not user:
+        flash("You have to log in first")
+        redirect("/login")
+    return render("change_password.html", forced=user["must_change_password"])
+
+
 @app.get("/static/<path:path>")
 def static_files(path):
     """Serve a file from static/."""
@@ -603,6 +864,191 @@ def api_search():
         "total_is_capped": capped,
         "has_next": page < MAX_PAGE and total > page * PAGE_SIZE,
     }
+
+
+USERNAME_MAX, EMAIL_MAX = 64, 254
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def form_text(name, strip=False):
+    """Return a form field as UTF-8 text; None when the field was not sent."""
+    if bottle.request.forms.get(name) is None:
+        return None
+    value = text_param(bottle.request.forms, name, 4096)
+    return value.strip() if strip else value
+
+
+def form_failure(field, message, template, status=422, **context):
+    """Answer a failed form: 422 JSON detail for API clients, else the form again."""
+    if wants_json():
+        kind = "missing" if message.startswith("You have to enter") else "value_error"
+        return json_body(status, {"detail": [{"loc": ["body", field], "msg": message, "type": kind}]})
+    bottle.response.status = 200 if status == 422 else status
+    return render(template, error=message, **context)
+
+
+def form_success(message, location):
+    """Answer a successful form: 200 JSON for API clients, else flash and redirect."""
+    if wants_json():
+        return json_body(200, {"statusCode": 200, "message": message})
+    flash(message)
+    redirect(location)
+
+
+def password_error(password, password2):
+    """Return (field, message) if a new password is unacceptable, else None.
+
+    The legacy checks (empty, mismatch) come first, in the legacy order.
+    """
+    if not password:
+        return "password", "You have to enter a password"
+    if password2 is not None and password != password2:
+        return "password2", "The two passwords do not match"
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return "password", f"The password is too long (at most {MAX_PASSWORD_LENGTH} characters)"
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return "password", f"The password is too short (at least {MIN_PASSWORD_LENGTH} characters)"
+    return None
+
+
+def registration_error(username, email, password, password2):
+    """Return (field, message) for the first problem, in the legacy order, or None."""
+    if not username:
+        return "username", "You have to enter a username"
+    if len(username) > USERNAME_MAX:
+        return "username", f"The username is too long (at most {USERNAME_MAX} characters)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in username):
+        return "username", "The username may not contain control characters"
+    if not email or not EMAIL_PATTERN.match(email):
+        return "email", "You have to enter a valid email address"
+    if len(email) > EMAIL_MAX:
+        return "email", f"The email address is too long (at most {EMAIL_MAX} characters)"
+    return password_error(password, password2)
+
+
+@app.post("/api/register")
+def api_register():
+    """Create an account, relying on the unique indexes (never check-then-insert)."""
+    try:
+        username, email = form_text("username", strip=True) or "", form_text("email", strip=True) or ""
+        password, password2 = form_text("password") or "", form_text("password2")
+        problem = registration_error(username, email, password, password2)
+    except BadInput as exc:
+        username, email, problem = "", "", (exc.field, str(exc))
+    if not problem:
+        try:
+            with get_pool().connection() as conn:
+                conn.execute(sql("insert_user"), {"username": username, "email": email,
+                                                  "password_hash": hash_password(password)})
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "users_email_key":
+                problem = "email", "This email address is already registered"
+            else:
+                problem = "username", "The username is already taken"
+    if problem:
+        return form_failure(*problem, "register.html", username=username, email=email)
+    return form_success("You were successfully registered and can login now", "/login")
+
+
+def client_key():
+    """Return a keyed hash of the client's address (never stored raw).
+
+    REMOTE_ADDR, not X-Forwarded-For: that header is the client's to forge;
+    waitress rewrites REMOTE_ADDR only for a configured trusted proxy.
+    """
+    return keyed_hash(bottle.request.environ.get("REMOTE_ADDR") or "unknown")
+
+
+@app.post("/api/login")
+def api_login():
+    """Log in: a new session, then search (or the forced password change)."""
+    try:
+        username, password = form_text("username", strip=True) or "", form_text("password") or ""
+    except BadInput as exc:
+        return form_failure(exc.field, str(exc), "login.html", username="")
+    limits = {"username": username, "client": client_key(), "lock_minutes": LOGIN_LOCK_MINUTES,
+              "max_failures": LOGIN_MAX_FAILURES}
+    with get_pool().connection() as conn:
+        lock = conn.execute(sql("get_login_lock"), limits).fetchone()
+        user = None if lock else conn.execute(sql("get_user_for_login"), {"username": username}).fetchone()
+    if lock:
+        minutes = -(-lock["seconds_left"] // 60)
+        bottle.response.set_header("Retry-After", str(lock["seconds_left"]))
+        message = f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
+        if wants_json():
+            return json_body(429, {"statusCode": 429, "message": message})
+        return form_failure("username", message, "login.html", status=429, username=username)
+    problem = None
+    if user is None or len(password) > MAX_PASSWORD_LENGTH:
+        burn_password_check(password[:MAX_PASSWORD_LENGTH])
+        problem = ("username", "Invalid username") if user is None else ("password", "Invalid password")
+    elif not check_password(user["password_hash"], password):
+        problem = ("password", "Invalid password")
+    with get_pool().connection() as conn:
+        if problem:
+            conn.execute(sql("record_login_failure"), limits)
+        else:
+            conn.execute(sql("clear_login_failures"), limits)
+            conn.execute(sql("delete_expired_sessions"), limits)
+            start_session(conn, user["id"])
+    if problem:
+        return form_failure(*problem, "login.html", username=username)
+    if user["password_hash"].startswith("md5$"):
+        return form_success(f"You were logged in. {PASSWORD_CHANGE_MESSAGE}", "/change-password")
+    return form_success("You were logged in", "/")
+
+
+@app.route("/api/logout", method=["GET", "POST"])
+def api_logout():
+    """End the session on the server and in the browser."""
+    with get_pool().connection() as conn:
+        end_session(conn)
+    return form_success("You were logged out", "/")
+
+
+def password_change_error(old_password, password, password2):
+    """Return (field, message) for the first problem with a password change, or None."""
+    if not old_password:
+        return "old_password", "You have to enter your current password"
+    problem = password_error(password, password2)
+    if not problem and password == old_password:
+        problem = "password", "The new password must differ from the current one"
+    return problem
+
+
+@app.post("/api/change-password")
+def api_change_password():
+    """Replace the password (the old one is required) and end the other sessions."""
+    user = current_user()
+    if not user:
+        if wants_json():
+            return json_body(401, {"statusCode": 401, "message": "You have to log in first"})
+        flash("You have to log in first")
+        redirect("/login")
+    context = {"forced": user["must_change_password"]}
+    try:
+        old_password, password = form_text("old_password") or "", form_text("password") or ""
+        problem = password_change_error(old_password, password, form_text("password2"))
+    except BadInput as exc:
+        problem = exc.field, str(exc)
+    if problem:
+        return form_failure(*problem, "change_password.html", **context)
+    with get_pool().connection() as conn:
+        stored = conn.execute(sql("get_user_for_login"), {"username": user["username"]}).fetchone()
+    if not check_password(stored["password_hash"], old_password):
+        return form_failure("old_password", "Your current password is wrong", "change_password.html", **context)
+    new_hash = hash_password(password)
+    with get_pool().connection() as conn:
+        changed = conn.execute(sql("update_password"), {"user_id": user["id"], "new_hash": new_hash,
+                                                        "old_hash": stored["password_hash"]}).fetchone()
+        if changed:
+            # Every other session may belong to whoever knew the old password.
+            conn.execute(sql("delete_user_sessions"), {"user_id": user["id"]})
+            start_session(conn, user["id"])
+    if not changed:
+        return form_failure("password", "Your password was changed elsewhere meanwhile. Please try again.",
+                            "change_password.html", **context)
+    return form_success("Your password was changed", "/")
 
 
 @app.get("/healthz")
