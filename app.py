@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sqlite3
 import sys
 import threading
@@ -112,12 +113,16 @@ def database_url_setting():
     parts = ["POSTGRES_SERVER", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"]
     if not any(setting(name) for name in parts):
         return None
+    if setting("POSTGRES_PASSWORD", "").startswith("change-me"):
+        raise ConfigError("POSTGRES_PASSWORD is still the placeholder from .env.example")
     user = quote(setting("POSTGRES_USER", "postgres"), safe="")
     password = quote(setting("POSTGRES_PASSWORD", ""), safe="")
     host = setting("POSTGRES_SERVER", "localhost")
     port = int_setting("POSTGRES_PORT", 5432, 1, 65535)
     db = quote(setting("POSTGRES_DB", "whoknows"), safe="")
     auth = f"{user}:{password}" if password else user
+    if host.startswith("/"):  # a unix socket directory
+        return f"postgresql://{auth}@:{port}/{db}?host={quote(host, safe='/')}"
     return f"postgresql://{auth}@{host}:{port}/{db}"
 
 
@@ -142,7 +147,11 @@ def load_config():
         "COOKIE_SECURE": bool_setting("COOKIE_SECURE", False),
         "LOGIN_MAX_FAILURES": int_setting("LOGIN_MAX_FAILURES", 5, 1, 1000),
         "LOGIN_LOCK_MINUTES": int_setting("LOGIN_LOCK_MINUTES", 15, 1, 24 * 60),
+        "ACCESS_LOG": bool_setting("ACCESS_LOG", True),
+        "SHUTDOWN_TIMEOUT": int_setting("SHUTDOWN_TIMEOUT", 20, 1, 600),
     }
+    if config["SECRET_KEY"] is not None and config["SECRET_KEY"].startswith("change-me"):
+        raise ConfigError("SECRET_KEY is still the placeholder from .env.example (try: openssl rand -hex 32)")
     if config["SECRET_KEY"] is not None and len(config["SECRET_KEY"]) < 32:
         raise ConfigError("SECRET_KEY must be at least 32 characters (try: openssl rand -hex 32)")
     if config["DATABASE_URL"] and config["SECRET_KEY"] is None:
@@ -173,6 +182,8 @@ SESSION_DAYS = CONFIG["SESSION_DAYS"]
 COOKIE_SECURE = CONFIG["COOKIE_SECURE"]
 LOGIN_MAX_FAILURES = CONFIG["LOGIN_MAX_FAILURES"]
 LOGIN_LOCK_MINUTES = CONFIG["LOGIN_LOCK_MINUTES"]
+ACCESS_LOG = CONFIG["ACCESS_LOG"]
+SHUTDOWN_TIMEOUT = CONFIG["SHUTDOWN_TIMEOUT"]
 
 LANGUAGES = {"en": "english", "da": "danish"}
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -772,11 +783,25 @@ SECURITY_HEADERS = {
 }
 
 
+@app.hook("before_request")
+def start_clock():
+    """Note when the request started, for the request log."""
+    bottle.request.environ["whoknows.started"] = time.perf_counter()
+
+
 @app.hook("after_request")
-def security_headers():
-    """Add the security headers to every response."""
+def finish_response():
+    """Add the security headers, and log the request in one line on stdout."""
     for name, value in SECURITY_HEADERS.items():
         bottle.response.set_header(name, value)
+    if ACCESS_LOG:
+        environ = bottle.request.environ
+        millis = (time.perf_counter() - environ.get("whoknows.started", time.perf_counter())) * 1000
+        # The path only: never query strings, bodies or cookies (tokens, passwords).
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        sys.stdout.write(f"{stamp} {bottle.request.method} {quote(bottle.request.path, safe='/')} "
+                         f"{bottle.response.status_code} {millis:.1f}ms {environ.get('REMOTE_ADDR', '-')}\n")
+        sys.stdout.flush()
 
 
 # Page routes ##################################################################
@@ -1261,6 +1286,80 @@ def load_sample_pages():
             return False
         import_pages(conn, read_jsonl(SAMPLE_PAGES), sys.stderr)
     return True
+
+
+# Graceful shutdown ############################################################
+
+
+def install_graceful_shutdown():
+    """Handle SIGTERM gracefully when running in the main thread (waitress-serve or serve)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def find_waitress_server(frame):
+    """Return the waitress server whose loop the main thread is running, or None."""
+    import waitress.server
+
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, (waitress.server.BaseWSGIServer, waitress.server.MultiSocketServer)):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def on_sigterm(signum, frame):
+    """Stop accepting connections and hand the rest to drain(), in a thread.
+
+    A signal handler runs in the main thread, which may hold a waitress lock at
+    that moment; taking any lock here could deadlock, so this only flips flags.
+    """
+    import waitress.server
+
+    server = find_waitress_server(frame)
+    if server is None:  # not serving: nothing to finish
+        raise SystemExit(0)
+    socket_map = getattr(server, "map", None) or server._map
+    listeners = [d for d in socket_map.values() if isinstance(d, waitress.server.BaseWSGIServer)]
+    for listener in listeners:
+        listener.accepting = False  # out of the next poll: no new connections
+    threading.Thread(target=drain, args=(server, socket_map, listeners), daemon=True).start()
+
+
+def drain(server, socket_map, listeners):
+    """Close the listeners, wait (at most SHUTDOWN_TIMEOUT) for requests in flight,
+    close the pool, then close every channel, which ends waitress's loop."""
+    from waitress import wasyncore
+
+    trigger = listeners[0].trigger
+
+    def close_listeners():
+        for listener in listeners:
+            # The listening socket only: the server's own close() would also
+            # close the trigger that workers use to hand back responses.
+            wasyncore.dispatcher.close(listener)
+
+    # Sockets are closed by thunks that the loop runs between polls: closing
+    # one under a running poll() or select() breaks it.
+    trigger.pull_trigger(close_listeners)
+    print("whoknows: SIGTERM: no longer accepting connections; finishing requests in flight", flush=True)
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    tasks = server.task_dispatcher
+
+    def busy():
+        return tasks.active_count or tasks.queue or any(
+            getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(socket_map.values()))
+
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    outcome = f"gave up on requests in flight after {SHUTDOWN_TIMEOUT} s" if busy() else "requests finished"
+    close_pool()
+    print(f"whoknows: {outcome}; database pool closed; exiting", flush=True)
+    trigger.pull_trigger(lambda: wasyncore.close_all(socket_map))  # an empty map ends the loop
+
+
+install_graceful_shutdown()
 
 
 # Command line #################################################################

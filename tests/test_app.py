@@ -108,8 +108,10 @@ def test_real_waitress_server_over_http(add_page):
 
 
 def run_app(*args, env=None):
+    """Run app.py; env values of None remove that variable."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], env=full_env,
                           capture_output=True, text=True, timeout=60)
 
@@ -121,6 +123,12 @@ def run_app(*args, env=None):
     ({"PORT": "eighty"}, "PORT must be a whole number"),
     ({"PORT": "70000"}, "PORT must be between 1 and 65535"),
     ({"SECRET_KEY": "short"}, "SECRET_KEY must be at least 32 characters"),
+    ({"SECRET_KEY": None}, "SECRET_KEY is required when a database is configured"),
+    ({"SECRET_KEY": "change-me-to-the-output-of-openssl-rand-hex-32"}, "SECRET_KEY is still the placeholder"),
+    ({"DATABASE_URL": None, "POSTGRES_USER": "w", "POSTGRES_PASSWORD": "change-me-too"},
+     "POSTGRES_PASSWORD is still the placeholder"),
+    ({"DATABASE_URL": None, "POSTGRES_SERVER": "127.0.0.1", "POSTGRES_PORT": "1"}, "cannot connect to the database"),
+    ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG must be true or false"),
 ])
 def test_bad_configuration_gives_one_clear_line(env, message):
     result = run_app("migrate", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere", **env})

