@@ -149,6 +149,7 @@ def load_config():
         "LOGIN_LOCK_MINUTES": int_setting("LOGIN_LOCK_MINUTES", 15, 1, 24 * 60),
         "ACCESS_LOG": bool_setting("ACCESS_LOG", True),
         "SHUTDOWN_TIMEOUT": int_setting("SHUTDOWN_TIMEOUT", 20, 1, 600),
+        "SEARCH_CACHE_SECONDS": int_setting("SEARCH_CACHE_SECONDS", 60, 0, 86400),
     }
     if config["SECRET_KEY"] is not None and config["SECRET_KEY"].startswith("change-me"):
         raise ConfigError("SECRET_KEY is still the placeholder from .env.example (try: openssl rand -hex 32)")
@@ -255,6 +256,12 @@ def use_database(url):
     if old is not None:
         old.close()
     return _pool
+
+
+def pool_url():
+    """Return the URL the pool connects to (for the few statements that need
+    their own autocommit connection)."""
+    return get_pool().conninfo
 
 
 def make_pool(url):
@@ -628,8 +635,12 @@ def is_cross_site():
 # Search #######################################################################
 
 PAGE_SIZE = 10
-MAX_PAGE = 100
-COUNT_CAP = PAGE_SIZE * MAX_PAGE
+# A search collects at most SEARCH_CAP matches (title matches first) and ranks
+# only those, so a common word costs about what a rare one does; the count
+# shows "200+" beyond that, and paging stops at the cap.
+SEARCH_CAP = 200
+MAX_PAGE = SEARCH_CAP // PAGE_SIZE
+SNIPPET_CHARS = 600  # ts_headline parses this much of each returned page
 MAX_QUERY_LENGTH = 200
 MAX_QUERY_WORDS = 16
 # Private-use characters mark matches in ts_headline output, which is not
@@ -683,12 +694,53 @@ def like_pattern(text):
     return f"%{escaped}%"
 
 
+class SearchCache:
+    """Recent search results, kept SEARCH_CACHE_SECONDS, at most 4,096 of them.
+
+    Invalidation is by age: after an import, other processes may show old
+    results for up to SEARCH_CACHE_SECONDS; the importing process clears its own.
+    """
+
+    def __init__(self, seconds, size=4096):
+        self.seconds, self.size = seconds, size
+        self.entries = {}
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry and time.monotonic() - entry[0] < self.seconds:
+                return entry[1]
+        return None
+
+    def put(self, key, value):
+        if self.seconds <= 0:
+            return
+        with self.lock:
+            if len(self.entries) >= self.size:
+                # Drop the oldest quarter (dicts keep insertion order).
+                for old in list(self.entries)[: self.size // 4]:
+                    del self.entries[old]
+            self.entries[key] = (time.monotonic(), value)
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+
+search_cache = SearchCache(CONFIG["SEARCH_CACHE_SECONDS"])
+
+
 def search(q, language, page):
     """Return (results, total, capped) for one page of a search."""
     prefix, positive = prefix_query(q)
     if not positive:
         # Only exclusions ("-word") would match nearly every page: no results.
         return [], 0, False
+    key = (q.lower(), language, page)
+    cached = search_cache.get(key)
+    if cached is not None:
+        return cached
     params = {
         "q": q,
         "config": LANGUAGES[language],
@@ -698,14 +750,18 @@ def search(q, language, page):
         "title_pattern": like_pattern(q) if len(q) >= 3 else None,
         "limit": PAGE_SIZE,
         "offset": (page - 1) * PAGE_SIZE,
-        "cap": COUNT_CAP,
+        "cap": SEARCH_CAP,
+        # Where the snippet starts: the first word of the query, as typed.
+        "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower(),
+        "snippet_chars": SNIPPET_CHARS,
         "start_sel": START_SEL,
         "stop_sel": STOP_SEL,
     }
     with get_pool().connection() as conn:
         rows = conn.execute(sql("search_pages"), params).fetchall()
-        total = conn.execute(sql("count_search_results"), params).fetchone()["total"]
-    return rows, total, total >= COUNT_CAP
+    result = rows, (rows[0]["total"] if rows else 0), bool(rows and rows[0]["capped"])
+    search_cache.put(key, result)
+    return result
 
 
 def snippet_html(text):
@@ -1276,6 +1332,11 @@ def import_file(path, out=sys.stderr):
                 db.close()
         else:
             summary["pages"] = import_pages(conn, read_jsonl(path), out)
+    # Fresh statistics for the planner, and an empty GIN pending list, so the
+    # first searches after a bulk load are as fast as later ones.
+    with psycopg.connect(pool_url(), autocommit=True) as conn:
+        conn.execute(sql("vacuum_pages"))
+    search_cache.clear()
     return summary
 
 

@@ -86,6 +86,7 @@ def clean_state(database_url):
             "AND tablename NOT LIKE '%yoyo%'")]
         if tables:
             conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+    whoknows.search_cache.clear()
     yield
 
 
