@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test migrate import clean
+.PHONY: run test migrate import clean bench verify
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ import: $(STAMP)  ## import pages: make import FILE=path/to/whoknows.db
 
 clean:  ## remove the virtualenv (the data in .data/ stays)
 	rm -rf $(VENV)
+
+N ?= 100000
+bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-get install wrk)
+	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
+
+verify: $(STAMP)  ## checks from outside: contract fuzzing, sqlmap, faults and limits, soak (slow)
+	$(BIN)/python -m pytest -m external tests/external $(PYTEST_ARGS)

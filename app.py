@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit
 import bottle
 import jinja2
 import psycopg
+import psycopg.sql
 from markupsafe import Markup
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -665,15 +666,19 @@ def read_search_input(source):
 
 
 def prefix_query(q):
-    """Return (tsquery text, has positive terms) matching the words as prefixes.
+    """Return (tsquery text, has positive terms): the query with its last word
+    as a prefix ('javascr' finds JavaScript, as the legacy LIKE search did).
 
-    Follows websearch syntax: a "quoted phrase" stays a phrase (no prefixes),
-    a -word stays excluded, and 'or' is dropped (AND is stricter). \\w+ tokens
-    hold no quotes or operators, so the result always parses.
+    Follows websearch syntax: a "quoted phrase" stays a phrase, a -word stays
+    excluded, and 'or' is dropped (AND is stricter). Only the last word is a
+    prefix: that is the word a user is still typing, and expanding every word
+    ('art:*') would cost far more than it finds. \\w+ tokens hold no quotes or
+    operators, so the result always parses.
     """
-    terms, positive = [], False
+    terms, positive, last_plain = [], False, None
     for match in re.finditer(r'"([^"]*)"?|(\S+)', q):
         phrase, word = match.group(1), match.group(2)
+        last_plain = None
         if phrase is not None:
             tokens = re.findall(r"\w+", phrase)
             if tokens:
@@ -683,8 +688,11 @@ def prefix_query(q):
             terms += [f"!'{t}'" for t in re.findall(r"\w+", word)]
         elif word.lower() != "or":
             tokens = re.findall(r"\w+", word)
-            terms += [f"'{t}':*" for t in tokens]
+            terms += [f"'{t}'" for t in tokens]
             positive = positive or bool(tokens)
+            last_plain = len(terms) - 1 if tokens and len(tokens[-1]) >= 2 else None
+    if last_plain is not None:
+        terms[last_plain] += ":*"
     return " & ".join(terms[: MAX_QUERY_WORDS * 2]), positive
 
 
@@ -1146,6 +1154,12 @@ def healthz():
     return json_body(200, {"status": "ok"})
 
 
+@app.get("/openapi.json")
+def openapi_document():
+    """Serve the OpenAPI document of every route, with its real responses."""
+    return bottle.static_file("openapi.json", root=str(ROOT / "static"), mimetype="application/json")
+
+
 # Error handlers ###############################################################
 
 
@@ -1172,6 +1186,7 @@ for _code in ERROR_MESSAGES:
 
 PAGE_FIELDS = ("title", "url", "language", "last_updated", "content")
 MAX_CONTENT_LENGTH = 500_000  # far above any real page; keeps tsvectors within limits
+BULK_IMPORT_ROWS = 10_000  # from this many new rows (and more than are stored), rebuild indexes
 
 
 def parse_timestamp(value):
@@ -1290,7 +1305,21 @@ def import_pages(conn, records, out):
     counts["skipped"] += removed
     if progress.live:
         out.write("merging into pages...\n")
+    indexes = []
+    if seen - removed >= BULK_IMPORT_ROWS and seen - removed > conn.execute(sql("count_pages")).fetchone()["n"]:
+        # A bulk load: rebuild the GIN indexes in one pass afterwards instead of
+        # updating them row by row (several times faster). Searches wait for
+        # the import to commit meanwhile, which suits a first load.
+        indexes = conn.execute(sql("list_page_search_indexes")).fetchall()
+        for index in indexes:
+            conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
+    if indexes:
+        if progress.live:
+            out.write("rebuilding the search indexes...\n")
+        conn.execute(sql("set_index_build_memory"), {"memory": "512MB"})
+        for index in indexes:
+            conn.execute(index["definition"])  # from the catalog, not from input
     counts["inserted"] = sum(1 for row in written if row["inserted"])
     counts["updated"] = len(written) - counts["inserted"]
     counts["unchanged"] = seen - removed - len(written)

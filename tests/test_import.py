@@ -148,3 +148,17 @@ def test_sample_pages_load_only_into_an_empty_table(db, client):
     assert whoknows.load_sample_pages() is False
     assert client.get("/api/search", {"q": "fortran"}).json["total"] >= 1
     assert client.get("/api/search", {"q": "søgemaskine", "language": "da"}).json["total"] >= 1
+
+
+def test_bulk_import_rebuilds_the_search_indexes(tmp_path, db, client, monkeypatch):
+    def definitions():
+        return sorted(r["indexdef"] for r in db.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'pages' AND indexdef LIKE '%USING gin%'"))
+
+    before = definitions()
+    assert len(before) == 3
+    monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
+    summary, _ = import_quietly(write_jsonl(tmp_path / "bulk.jsonl", [page(1), page(2), page(3, content="bulky")]))
+    assert summary["pages"]["inserted"] == 3
+    assert definitions() == before
+    assert client.get("/api/search", {"q": "bulky"}).json["data"][0]["title"] == "Title 3"

