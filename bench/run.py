@@ -143,10 +143,10 @@ def dockerfile_cmd():
     return json.loads(line[4:])
 
 
-def serve(url, port):
+def serve(url, port, **extra_env):
     command = [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}") for a in dockerfile_cmd()]
     command[0] = str(Path(PYTHON).parent / command[0])
-    env = {**os.environ, "DATABASE_URL": url}
+    env = {**os.environ, "DATABASE_URL": url, **extra_env}
     # Its output goes to a file: an unread pipe fills up and blocks the server.
     server_log = open(BENCH / "data" / "server.log", "w")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
@@ -328,6 +328,17 @@ def main():
                                 "http": ratio(figures["rps"], trivial["rps"]) if is_search else "",
                                 "db": ratio(figures["rps"], ours["rps"]) if is_search else "",
                                 "naive": ratio(figures["rps"], naive["rps"]) if is_search else ""})
+        rss.running = False
+        server.terminate()
+        server.wait(30)
+        log("the search log's cost: /api/search with it off, then on again, 8 connections")
+        for setting in ("false", "true"):
+            server = serve(url, port, SEARCH_LOG=setting)
+            figures = wrk(port, api_paths, connections[0], args.duration, accept="application/json")
+            results.append({"run": f"/api/search, SEARCH_LOG={setting}", "conns": connections[0], **figures,
+                            "http": "", "db": "", "naive": ""})
+            server.terminate()
+            server.wait(30)
         log("per-kind cost of our search SQL (1 connection, no cache)")
         kind_rows = []
         ids = {}
@@ -335,9 +346,6 @@ def main():
             ids[kind] = next(n for n, (lang, text) in enumerate(mix, 1) if lang == language and text == q)
             figures = pgbench(url, our_sql, len(mix), 1, max(3, args.duration // 3), fixed=ids[kind])
             kind_rows.append((kind, language, q, figures["p50_ms"], figures["p99_ms"]))
-        rss.running = False
-        server.terminate()
-        server.wait(30)
     finally:
         stop_server()
 

@@ -246,3 +246,27 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 0
     assert "requests finished; database pool closed" in output
+
+
+# Monitoring ####################################################################
+
+def test_monitoring_profile_scrapes_the_app_from_the_allowed_address(compose):
+    services = compose["services"]
+    if "prometheus" not in services:  # some compose versions drop inactive profiles
+        pytest.skip("this docker-compose leaves profile services out of `config`")
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"] and services["grafana"]["profiles"] == ["monitoring"]
+    address = prometheus["networks"]["backend"]["ipv4_address"]
+    assert services["app"]["environment"]["METRICS_ALLOW"] == f"{address}/32"
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["app:8080"]
+
+
+def test_dashboard_queries_use_metrics_the_app_exports(client):
+    exported = client.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
+    names = set(re.findall(r"^# TYPE (\w+) ", exported, re.M))
+    dashboard = json.loads((ROOT / "monitoring" / "grafana" / "dashboards" / "whoknows.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"\b(whoknows_\w+?)(?:_bucket|_total)?\b", target["expr"])}
+    assert used and used <= names | {n.removesuffix("_total") for n in names}, used - names
