@@ -154,6 +154,10 @@ class PageWatch:
             self._problem(f"console {message.type} about CSP", message.text, location)
 
     def _on_request_failed(self, request):
+        # The browser cancels a page's remaining loads (often the favicon) when
+        # a test navigates on: that is not the server failing.
+        if request.failure == "net::ERR_ABORTED":
+            return
         self._problem("failed request", f"{request.method} {request.url}: {request.failure}")
 
     def _on_response(self, response):
