@@ -29,7 +29,7 @@ import random
 import sys
 import time
 from array import array
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from itertools import accumulate
 from operator import itemgetter
 from pathlib import Path
@@ -48,8 +48,8 @@ CHUNK = 1000  # pages per unit of parallel work; the output does not depend on -
 LENGTH_MEDIAN, LENGTH_SIGMA = 3000, 0.55  # log-normal target length in characters
 LENGTH_MIN, LENGTH_MAX = 1500, 10_000  # targets; the text ends at a sentence in the last quarter
 KIND_RANKS = {"common": 0, "two_words": 2, "phrase": 4, "danish": 6, "partial": 8, "rare": 10}  # among popular
-DATE_START = datetime(2015, 1, 1, tzinfo=timezone.utc)
-DATE_SPAN = int((datetime(2026, 10, 1, tzinfo=timezone.utc) - DATE_START).total_seconds())
+DATE_START = datetime(2015, 1, 1, tzinfo=UTC)
+DATE_SPAN = int((datetime(2026, 10, 1, tzinfo=UTC) - DATE_START).total_seconds())
 TAIL_MASK = bytes(b & 0x0F for b in range(256))  # keeps 4 bits of a third byte: 20-bit tail indices
 
 EN_STOP = """the of and to a in is that for it as was with be by on not he i this are or his from at which
@@ -80,8 +80,18 @@ stay fall cut reach remain suggest raise pass sell require decide explain hope d
 agree support hit produce eat cover catch draw choose international environment temperature university
 agriculture architecture electricity mathematics philosophy literature democracy parliament republic kingdom
 railway airport hospital"""
-EN_PHRASES = ["climate change", "prime minister", "united states", "world war", "new york",
-              "human rights", "public health", "high school", "real estate", "machine learning"]
+EN_PHRASES = [
+    "climate change",
+    "prime minister",
+    "united states",
+    "world war",
+    "new york",
+    "human rights",
+    "public health",
+    "high school",
+    "real estate",
+    "machine learning",
+]
 DA_STOP = """og i at det en den til er som på de med han af for ikke der var mig sig men et har om vi min
 havde ham hun nu over da fra du ud sin dem os op man hans hvor eller hvad skal selv her alle vil blev kunne
 ind når være dog noget ville jo deres efter ned skulle denne end dette mit også under have dig anden hende
@@ -102,8 +112,7 @@ tand skulder ryg mave gøre sige gå komme se give tage finde tænke vide kende 
 skrive spise drikke sove købe sælge betale åbne lukke begynde slutte lege synge danse løbe køre flyve svømme
 bo leve dø vokse lære forstå glemme huske elske hjælpe bruge prøve vælge bestemme fortælle kongerige
 grundlov søndag lørdag fødselsdag julemand påske kirkegård havn fjord"""
-DA_PHRASES = ["danske bank", "aarhus universitet", "københavns kommune", "det kongelige teater",
-              "region hovedstaden"]
+DA_PHRASES = ["danske bank", "aarhus universitet", "københavns kommune", "det kongelige teater", "region hovedstaden"]
 
 
 class Language:
@@ -122,10 +131,16 @@ class Language:
         if any(c in '"\\%' or c < " " for c in "".join(vocab + phrases)):
             raise ValueError(f"{code} words must not need escaping in JSON or %-formatting")
         weights = [rank**-ZIPF_EXPONENT for rank in range(1, len(vocab) + 1)]
-        self.head = punctuate(zipf_slots([" " + w for w in vocab[:HEAD_WORDS]] + [TAIL],
-                                         weights[:HEAD_WORDS] + [sum(weights[HEAD_WORDS:])], HEAD_SLOTS), phrases)
+        self.head = punctuate(
+            zipf_slots(
+                [" " + w for w in vocab[:HEAD_WORDS]] + [TAIL],
+                weights[:HEAD_WORDS] + [sum(weights[HEAD_WORDS:])],
+                HEAD_SLOTS,
+            ),
+            phrases,
+        )
         self.tail = zipf_slots(vocab[HEAD_WORDS:], weights[HEAD_WORDS:], TAIL_SLOTS)
-        self.title_words = self.content + self.pseudo[:len(self.content)]
+        self.title_words = self.content + self.pseudo[: len(self.content)]
         # Mean characters per token; each "%s" placeholder becomes a tail word.
         head_length = sum(len(slot.replace("%s", "")) for slot in self.head) / len(self.head)
         tail_length = sum(map(len, self.tail)) / len(self.tail)
@@ -201,12 +216,28 @@ def punctuate(slots, phrases):
     return slots
 
 
-EN = Language("en", 0.75, EN_STOP, EN_WORDS, EN_PHRASES,
-              "b bl br c ch cl d dr f fl g gr h j k l m n p pl r s sh st t th tr v w z",
-              "a e i o u ai ea oo", ",,,n,r,l,s,t,nd,st,ng,m,ck", 0)
-DA = Language("da", 0.25, DA_STOP, DA_WORDS, DA_PHRASES,
-              "b bl br d dr f fl fr g gl gr h j k kl kr l m n p r s sk sl sn sp st sv t tr v",
-              "a e i o u y æ ø å ej øj", ",,,n,r,l,s,t,nd,ng,rt,ld,st,k", 1)
+EN = Language(
+    "en",
+    0.75,
+    EN_STOP,
+    EN_WORDS,
+    EN_PHRASES,
+    "b bl br c ch cl d dr f fl g gr h j k l m n p pl r s sh st t th tr v w z",
+    "a e i o u ai ea oo",
+    ",,,n,r,l,s,t,nd,st,ng,m,ck",
+    0,
+)
+DA = Language(
+    "da",
+    0.25,
+    DA_STOP,
+    DA_WORDS,
+    DA_PHRASES,
+    "b bl br d dr f fl fr g gl gr h j k kl kr l m n p r s sk sl sn sp st sv t tr v",
+    "a e i o u y æ ø å ej øj",
+    ",,,n,r,l,s,t,nd,ng,rt,ld,st,k",
+    1,
+)
 
 
 def page_text(rng, lang, length, name):
@@ -240,8 +271,10 @@ def page_chunk(task):
         name = lang.name(k % lang.pool_size(pages))
         content = page_text(rng, lang, min(LENGTH_MAX, max(LENGTH_MIN, length)), name)
         # Language() made sure no word needs escaping in JSON, so plain formatting is valid JSON.
-        lines.append(f'{{"title": "{title}", "url": "{url}", "language": "{lang.code}", '
-                     f'"last_updated": "{stamp}", "content": "{content}"}}')
+        lines.append(
+            f'{{"title": "{title}", "url": "{url}", "language": "{lang.code}", '
+            f'"last_updated": "{stamp}", "content": "{content}"}}'
+        )
     lines.append("")
     return "\n".join(lines).encode()
 
@@ -297,17 +330,19 @@ def write_queries(path, requests, pages, seed):
     rng = random.Random(f"queries/{seed}")
     kinds, popular = popular_queries()
     once = math.ceil(requests * 0.6)
-    head = popular[:(requests - once) // 2]  # every popular query occurs at least twice
+    head = popular[: (requests - once) // 2]  # every popular query occurs at least twice
     counts = [2] * len(head)
-    for index in rng.choices(range(len(head)), weights=[1 / r for r in range(1, len(head) + 1)],
-                             k=requests - once - 2 * len(head)):
+    for index in rng.choices(
+        range(len(head)), weights=[1 / r for r in range(1, len(head) + 1)], k=requests - once - 2 * len(head)
+    ):
         counts[index] += 1
     lines = [pair for pair, count in zip(head, counts) for _ in range(count)]
     lines += tail_queries(rng, requests - len(lines), pages, popular)
     rng.shuffle(lines)
     Path(path).write_text("".join(f"{lang}\t{query}\n" for lang, query in lines), encoding="utf-8", newline="\n")
-    Path(f"{path}.kinds").write_text("".join(f"{kind}\t{lang}\t{query}\n" for kind, lang, query in kinds),
-                                     encoding="utf-8", newline="\n")
+    Path(f"{path}.kinds").write_text(
+        "".join(f"{kind}\t{lang}\t{query}\n" for kind, lang, query in kinds), encoding="utf-8", newline="\n"
+    )
 
 
 def main(argv=None):

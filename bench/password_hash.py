@@ -22,8 +22,10 @@ def main(rounds):
         started = time.perf_counter()
         app.hash_password("correct horse battery staple")
         times.append((time.perf_counter() - started) * 1000)
-    print(f"scrypt n=2^{app.SCRYPT_N.bit_length() - 1} r={app.SCRYPT_R} p={app.SCRYPT_P}: "
-          f"median {statistics.median(times):.0f} ms, max {max(times):.0f} ms over {rounds} hashes")
+    print(
+        f"scrypt n=2^{app.SCRYPT_N.bit_length() - 1} r={app.SCRYPT_R} p={app.SCRYPT_P}: "
+        f"median {statistics.median(times):.0f} ms, max {max(times):.0f} ms over {rounds} hashes"
+    )
     done = 0
     lock = threading.Lock()
 

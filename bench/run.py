@@ -39,9 +39,9 @@ BENCH = ROOT / "bench"
 PYTHON = sys.executable
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SECRET_KEY", secrets.token_hex(32))
-import app  # noqa: E402  (for its query helpers and SQL, so pgbench runs exactly what the app runs)
-
 import psycopg  # noqa: E402
+
+import app  # noqa: E402  (for its query helpers and SQL, so pgbench runs exactly what the app runs)
 
 LEGACY_RPS = 3.0  # the legacy app at 100k pages on this machine (issue text)
 NAIVE_SQL = """\
@@ -59,6 +59,7 @@ def log(message):
 
 # Data #########################################################################
 
+
 def ensure_data(pages, requests):
     """Generate (or reuse) the pages and the query mix for N pages."""
     data = BENCH / "data"
@@ -67,14 +68,26 @@ def ensure_data(pages, requests):
     queries_file = data / f"queries-{pages}.txt"
     if not pages_file.exists() or not queries_file.exists():
         log(f"generating {pages:,} pages")
-        subprocess.run([PYTHON, str(BENCH / "generate.py"), str(pages), str(pages_file),
-                        "--queries", str(queries_file), "--requests", str(requests)], check=True)
-    mix = [line.rstrip("\n").split("\t", 1) for line in queries_file.open(encoding="utf-8")]
-    kinds = [line.rstrip("\n").split("\t") for line in Path(f"{queries_file}.kinds").open(encoding="utf-8")]
+        subprocess.run(
+            [
+                PYTHON,
+                str(BENCH / "generate.py"),
+                str(pages),
+                str(pages_file),
+                "--queries",
+                str(queries_file),
+                "--requests",
+                str(requests),
+            ],
+            check=True,
+        )
+    mix = [line.split("\t", 1) for line in queries_file.read_text(encoding="utf-8").splitlines()]
+    kinds = [line.split("\t") for line in Path(f"{queries_file}.kinds").read_text(encoding="utf-8").splitlines()]
     return pages_file, mix, kinds
 
 
 # Database server ##############################################################
+
 
 def start_server():
     """Return (server URL, stop function): BENCH_DATABASE_URL, or a private
@@ -131,6 +144,7 @@ def sizes(url):
 
 # HTTP #########################################################################
 
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,12 +162,12 @@ def serve(url, port, **extra_env):
     command[0] = str(Path(PYTHON).parent / command[0])
     env = {**os.environ, "DATABASE_URL": url, **extra_env}
     # Its output goes to a file: an unread pipe fills up and blocks the server.
-    server_log = open(BENCH / "data" / "server.log", "w")
+    server_log = open(BENCH / "data" / "server.log", "w")  # noqa: SIM115 (the server holds it open)
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:  # nosec B310
                 if response.status == 200:
                     return process
         except OSError:
@@ -183,38 +197,72 @@ def wrk(port, paths, connections, duration, accept="*/*"):
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as file:
         file.write("\n".join(paths) + "\n")
     env = {**os.environ, "WRK_PATHS": file.name, "WRK_ACCEPT": accept}
-    result = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s",
-                             "-s", str(BENCH / "wrk_mix.lua"), f"http://127.0.0.1:{port}"],
-                            env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / "wrk_mix.lua"),
+            f"http://127.0.0.1:{port}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     os.unlink(file.name)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     seconds = figures["duration_us"] / 1e6
     errors = sum(figures[k] for k in ("connect", "read", "write", "status", "timeout"))
-    return {"rps": figures["requests"] / seconds, "p50_ms": figures["p50_us"] / 1000,
-            "p95_ms": figures["p95_us"] / 1000, "p99_ms": figures["p99_us"] / 1000, "errors": errors}
+    return {
+        "rps": figures["requests"] / seconds,
+        "p50_ms": figures["p50_us"] / 1000,
+        "p95_ms": figures["p95_us"] / 1000,
+        "p99_ms": figures["p99_us"] / 1000,
+        "errors": errors,
+    }
 
 
 # pgbench ######################################################################
+
 
 def load_mix_table(url, mix):
     """Store each query of the mix with the exact parameters the app would bind."""
     with psycopg.connect(url) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_queries")
-        conn.execute("CREATE TABLE bench_queries (id int PRIMARY KEY, language text, config text, q text, "
-                     "prefix text, title_pattern text, locate text)")
+        conn.execute(
+            "CREATE TABLE bench_queries (id int PRIMARY KEY, language text, config text, q text, "
+            "prefix text, title_pattern text, locate text)"
+        )
         with conn.cursor() as cur, cur.copy("COPY bench_queries FROM STDIN") as copy:
             for n, (language, q) in enumerate(mix, start=1):
                 params = search_params(q, language)
                 # pgbench variables cannot be NULL: '' stands for "no title pattern".
-                copy.write_row((n, language, params["config"], q, params["prefix"],
-                                params["title_pattern"] or "", params["locate"]))
+                copy.write_row(
+                    (
+                        n,
+                        language,
+                        params["config"],
+                        q,
+                        params["prefix"],
+                        params["title_pattern"] or "",
+                        params["locate"],
+                    )
+                )
 
 
 def search_params(q, language):
     prefix, _ = app.prefix_query(q)
-    return {"config": app.LANGUAGES[language], "prefix": prefix,
-            "title_pattern": app.like_pattern(q) if len(q) >= 3 else None,
-            "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower()}
+    return {
+        "config": app.LANGUAGES[language],
+        "prefix": prefix,
+        "title_pattern": app.like_pattern(q) if len(q) >= 3 else None,
+        "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower(),
+    }
 
 
 def our_sql_for_pgbench():
@@ -232,18 +280,43 @@ def our_sql_for_pgbench():
 def pgbench(url, body, count, clients, duration, fixed=None):
     """Run a pgbench script that picks a random query of the mix (or a fixed one)."""
     pick = f"\\set i {fixed}\n" if fixed else f"\\set i random(1, {count})\n"
-    script = (pick + "SELECT language, config, q, prefix, title_pattern, locate FROM bench_queries "
-              "WHERE id = :i \\gset\n" + body)
+    script = (
+        # Our own constant SQL; pgbench binds the values.
+        pick  # nosec B608
+        + "SELECT language, config, q, prefix, title_pattern, locate FROM bench_queries "
+        "WHERE id = :i \\gset\n" + body
+    )
     binary = shutil.which("pgbench") or embedded_binary("pgbench")
     with tempfile.TemporaryDirectory() as folder:
         script_file = Path(folder) / "script.sql"
         script_file.write_text(script)
-        os.chmod(folder, 0o755)
+        # The embedded server runs as another user, which must read the script.
+        os.chmod(folder, 0o755)  # nosec B103
         info = psycopg.conninfo.conninfo_to_dict(url)
-        args = [binary, "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(duration),
-                "-f", str(script_file), "-l", "--log-prefix", str(Path(folder) / "log"),
-                "-h", info.get("host") or "localhost", "-p", str(info.get("port") or 5432),
-                "-U", info.get("user") or "postgres", info["dbname"]]
+        args = [
+            binary,
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(duration),
+            "-f",
+            str(script_file),
+            "-l",
+            "--log-prefix",
+            str(Path(folder) / "log"),
+            "-h",
+            info.get("host") or "localhost",
+            "-p",
+            str(info.get("port") or 5432),
+            "-U",
+            info.get("user") or "postgres",
+            info["dbname"],
+        ]
         result = subprocess.run(args, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"bench: pgbench failed: {result.stderr.strip()[:500]}")
@@ -254,8 +327,13 @@ def pgbench(url, body, count, clients, duration, fixed=None):
     tps = float(re.search(r"tps = ([0-9.]+)", result.stdout).group(1))
     failed = re.search(r"number of failed transactions: (\d+)", result.stdout)
     latencies.sort()
-    return {"rps": tps, "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-            "p99_ms": percentile(latencies, 99), "errors": int(failed.group(1)) if failed else 0}
+    return {
+        "rps": tps,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "p99_ms": percentile(latencies, 99),
+        "errors": int(failed.group(1)) if failed else 0,
+    }
 
 
 def embedded_binary(name):
@@ -272,12 +350,15 @@ def percentile(sorted_values, p):
 
 # Report #######################################################################
 
+
 def table(rows):
     head = "| run | conns | req/s | p50 ms | p95 ms | p99 ms | errors | ÷ HTTP limit | ÷ DB limit | ÷ naive |"
     lines = [head, "|" + "---|" * 10]
     for row in rows:
-        lines.append("| {run} | {conns} | {rps:,.0f} | {p50_ms:.1f} | {p95_ms:.1f} | {p99_ms:.1f} | {errors} | "
-                     "{http} | {db} | {naive} |".format(**row))
+        lines.append(
+            "| {run} | {conns} | {rps:,.0f} | {p50_ms:.1f} | {p95_ms:.1f} | {p99_ms:.1f} | {errors} | "
+            "{http} | {db} | {naive} |".format(**row)
+        )
     return "\n".join(lines)
 
 
@@ -321,13 +402,24 @@ def main():
             page = wrk(port, page_paths, conns, args.duration)
             ours = pgbench(url, our_sql, len(mix), conns, args.duration)
             naive = pgbench(url, NAIVE_SQL, len(mix), conns, args.duration)
-            for name, figures in (("trivial /about (HTTP limit)", trivial), ("/api/search", api), ("/ (search page)", page),
-                                  ("our search SQL, pgbench (DB limit)", ours), ("naive ts_rank_cd SQL, pgbench", naive)):
+            for name, figures in (
+                ("trivial /about (HTTP limit)", trivial),
+                ("/api/search", api),
+                ("/ (search page)", page),
+                ("our search SQL, pgbench (DB limit)", ours),
+                ("naive ts_rank_cd SQL, pgbench", naive),
+            ):
                 is_search = name.startswith("/")
-                results.append({"run": name, "conns": conns, **figures,
-                                "http": ratio(figures["rps"], trivial["rps"]) if is_search else "",
-                                "db": ratio(figures["rps"], ours["rps"]) if is_search else "",
-                                "naive": ratio(figures["rps"], naive["rps"]) if is_search else ""})
+                results.append(
+                    {
+                        "run": name,
+                        "conns": conns,
+                        **figures,
+                        "http": ratio(figures["rps"], trivial["rps"]) if is_search else "",
+                        "db": ratio(figures["rps"], ours["rps"]) if is_search else "",
+                        "naive": ratio(figures["rps"], naive["rps"]) if is_search else "",
+                    }
+                )
         rss.running = False
         server.terminate()
         server.wait(30)
@@ -335,8 +427,16 @@ def main():
         for setting in ("false", "true"):
             server = serve(url, port, SEARCH_LOG=setting)
             figures = wrk(port, api_paths, connections[0], args.duration, accept="application/json")
-            results.append({"run": f"/api/search, SEARCH_LOG={setting}", "conns": connections[0], **figures,
-                            "http": "", "db": "", "naive": ""})
+            results.append(
+                {
+                    "run": f"/api/search, SEARCH_LOG={setting}",
+                    "conns": connections[0],
+                    **figures,
+                    "http": "",
+                    "db": "",
+                    "naive": "",
+                }
+            )
             server.terminate()
             server.wait(30)
         log("per-kind cost of our search SQL (1 connection, no cache)")
@@ -352,19 +452,30 @@ def main():
     rare = next(r for r in kind_rows if r[0] == "rare")[3]
     common = next(r for r in kind_rows if r[0] == "common")[3]
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
-    lines = [f"# Search benchmark, {args.pages:,} pages ({stamp})", "",
-             f"Command: `make bench N={args.pages}` (duration {args.duration} s per run, "
-             f"{len(mix):,} queries in the mix, {len(set(map(tuple, mix))):,} distinct)", "",
-             table(results), "",
-             "| kind | language | query | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Search benchmark, {args.pages:,} pages ({stamp})",
+        "",
+        f"Command: `make bench N={args.pages}` (duration {args.duration} s per run, "
+        f"{len(mix):,} queries in the mix, {len(set(map(tuple, mix))):,} distinct)",
+        "",
+        table(results),
+        "",
+        "| kind | language | query | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {k} | {lang} | `{q}` | {p50:.2f} | {p99:.2f} |" for k, lang, q, p50, p99 in kind_rows]
     best_api = max(r["rps"] for r in results if r["run"] == "/api/search")
-    lines += ["", f"- common word ÷ rare word (first page, our SQL, p50): {common / rare:.2f}",
-              f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
-              f"- import: {load['pages']:,} pages in {load['seconds']} s = {load['pages_per_s']:,} pages/s",
-              f"- server RSS: max {max(rss.samples):.0f} MB, last {rss.samples[-1]:.0f} MB "
-              f"(median {statistics.median(rss.samples):.0f} MB)",
-              "", "| relation | size |", "|---|---|"]
+    lines += [
+        "",
+        f"- common word ÷ rare word (first page, our SQL, p50): {common / rare:.2f}",
+        f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
+        f"- import: {load['pages']:,} pages in {load['seconds']} s = {load['pages_per_s']:,} pages/s",
+        f"- server RSS: max {max(rss.samples):.0f} MB, last {rss.samples[-1]:.0f} MB "
+        f"(median {statistics.median(rss.samples):.0f} MB)",
+        "",
+        "| relation | size |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {bytes_ / 2**20:,.1f} MB |" for name, bytes_ in size.items()]
     report = "\n".join(lines) + "\n"
     print(report)

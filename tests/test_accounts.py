@@ -15,20 +15,25 @@ JSON = {"Accept": "application/json"}
 
 # Helpers, as in the legacy test suite ##########################################
 
+
 def register(client, username, password, password2=None, email=None, headers=None):
     if password2 is None:
         password2 = password
     if email is None:
         email = f"{username}@example.com"
-    response = client.post("/api/register", {"username": username, "password": password,
-                                             "password2": password2, "email": email},
-                           headers=headers, expect_errors=True)
+    response = client.post(
+        "/api/register",
+        {"username": username, "password": password, "password2": password2, "email": email},
+        headers=headers,
+        expect_errors=True,
+    )
     return response.follow() if response.status_int == 303 else response
 
 
 def login(client, username, password, headers=None):
-    response = client.post("/api/login", {"username": username, "password": password},
-                           headers=headers, expect_errors=True)
+    response = client.post(
+        "/api/login", {"username": username, "password": password}, headers=headers, expect_errors=True
+    )
     return response.follow() if response.status_int == 303 else response
 
 
@@ -42,6 +47,7 @@ def logout(client):
 
 
 # The legacy scenarios ##########################################################
+
 
 def test_register(client):
     assert "You were successfully registered and can login now" in register(client, "user1", "default").text
@@ -64,9 +70,12 @@ def test_login_logout(client):
 
 # More of the same flows ########################################################
 
+
 def test_register_success_redirects_to_login_and_stores_the_account(client, db):
-    response = client.post("/api/register", {"username": "anna", "email": "anna@example.com",
-                                              "password": "secret123", "password2": "secret123"})
+    response = client.post(
+        "/api/register",
+        {"username": "anna", "email": "anna@example.com", "password": "secret123", "password2": "secret123"},
+    )
     assert response.status_int == 303 and response.headers["Location"].endswith("/login")
     row = db.execute("SELECT username, email, password_hash FROM users").fetchone()
     assert (row["username"], row["email"]) == ("anna", "anna@example.com")
@@ -85,14 +94,17 @@ def test_tampered_flash_cookie_is_ignored(client):
     assert client.get("/").status_int == 200
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"username": "u" * 65}, "The username is too long (at most 64 characters)"),
-    ({"email": "a@" + "b" * 253}, "The email address is too long (at most 254 characters)"),
-    ({"password": "p" * 257, "password2": "p" * 257}, "The password is too long (at most 256 characters)"),
-    ({"password": "abc", "password2": "abc"}, "The password is too short (at least 6 characters)"),
-    ({"username": "tab\there"}, "The username may not contain control characters"),
-    ({"username": "nul\x00"}, "username must not contain NUL characters"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"username": "u" * 65}, "The username is too long (at most 64 characters)"),
+        ({"email": "a@" + "b" * 253}, "The email address is too long (at most 254 characters)"),
+        ({"password": "p" * 257, "password2": "p" * 257}, "The password is too long (at most 256 characters)"),
+        ({"password": "abc", "password2": "abc"}, "The password is too short (at least 6 characters)"),
+        ({"username": "tab\there"}, "The username may not contain control characters"),
+        ({"username": "nul\x00"}, "username must not contain NUL characters"),
+    ],
+)
 def test_register_limits_say_which_limit(client, db, fields, message):
     form = {"username": "valid", "email": "valid@example.com", "password": "secret123", "password2": "secret123"}
     form.update(fields)
@@ -102,8 +114,10 @@ def test_register_limits_say_which_limit(client, db, fields, message):
 
 def test_email_already_registered(client):
     register(client, "first", "secret123", email="same@example.com")
-    assert "This email address is already registered" in register(client, "second", "secret123",
-                                                                   email="SAME@example.com").text
+    assert (
+        "This email address is already registered"
+        in register(client, "second", "secret123", email="SAME@example.com").text
+    )
 
 
 def test_usernames_compare_case_insensitively(client):
@@ -140,9 +154,11 @@ def test_logout_accepts_post_and_deletes_the_session(client, db):
 
 # JSON clients ##################################################################
 
+
 def test_json_register_login_logout(client):
-    response = client.post("/api/register", {"username": "j", "email": "j@example.com", "password": "secret123"},
-                           headers=JSON)
+    response = client.post(
+        "/api/register", {"username": "j", "email": "j@example.com", "password": "secret123"}, headers=JSON
+    )
     assert response.status_int == 200
     assert response.json == {"statusCode": 200, "message": "You were successfully registered and can login now"}
     response = client.post("/api/login", {"username": "j", "password": "secret123"}, headers=JSON)
@@ -152,13 +168,23 @@ def test_json_register_login_logout(client):
     assert response.json == {"statusCode": 200, "message": "You were logged out"}
 
 
-@pytest.mark.parametrize("form, field, message", [
-    ({"username": "", "email": "a@b.c", "password": "secret123"}, "username", "You have to enter a username"),
-    ({"username": "a", "email": "nope", "password": "secret123"}, "email", "You have to enter a valid email address"),
-    ({"username": "a", "email": "a@b.c", "password": ""}, "password", "You have to enter a password"),
-    ({"username": "a", "email": "a@b.c", "password": "secret123", "password2": "other123"}, "password2",
-     "The two passwords do not match"),
-])
+@pytest.mark.parametrize(
+    "form, field, message",
+    [
+        ({"username": "", "email": "a@b.c", "password": "secret123"}, "username", "You have to enter a username"),
+        (
+            {"username": "a", "email": "nope", "password": "secret123"},
+            "email",
+            "You have to enter a valid email address",
+        ),
+        ({"username": "a", "email": "a@b.c", "password": ""}, "password", "You have to enter a password"),
+        (
+            {"username": "a", "email": "a@b.c", "password": "secret123", "password2": "other123"},
+            "password2",
+            "The two passwords do not match",
+        ),
+    ],
+)
 def test_json_register_failures_are_422_detail(client, form, field, message):
     response = client.post("/api/register", form, headers=JSON, status=422)
     detail = response.json["detail"]
@@ -179,20 +205,32 @@ def test_json_taken_and_login_failures_are_422_detail(client):
 
 def test_accept_preference_decides_json(client):
     form = {"username": "", "email": "", "password": ""}
-    assert client.post("/api/register", form, headers={"Accept": "text/html,application/json;q=0.9"}).content_type == "text/html"
-    assert client.post("/api/register", form, headers={"Accept": "application/json, text/html;q=0.5"},
-                       status=422).content_type == "application/json"
+    assert (
+        client.post("/api/register", form, headers={"Accept": "text/html,application/json;q=0.9"}).content_type
+        == "text/html"
+    )
+    assert (
+        client.post(
+            "/api/register", form, headers={"Accept": "application/json, text/html;q=0.5"}, status=422
+        ).content_type
+        == "application/json"
+    )
 
 
 # Legacy MD5 accounts ###########################################################
 
+
 def import_legacy_user(tmp_path, username="legacy", password="password"):
     path = tmp_path / "whoknows.db"
     db = sqlite3.connect(path)
-    db.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT, email TEXT, password TEXT);"
-                     "CREATE TABLE pages (title TEXT, url TEXT, language TEXT, last_updated TEXT, content TEXT);")
-    db.execute("INSERT INTO users (username, email, password) VALUES (?, ?, ?)",
-               (username, f"{username}@example.com", hashlib.md5(password.encode()).hexdigest()))
+    db.executescript(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT, email TEXT, password TEXT);"
+        "CREATE TABLE pages (title TEXT, url TEXT, language TEXT, last_updated TEXT, content TEXT);"
+    )
+    db.execute(
+        "INSERT INTO users (username, email, password) VALUES (?, ?, ?)",
+        (username, f"{username}@example.com", hashlib.md5(password.encode()).hexdigest()),
+    )
     db.commit()
     db.close()
     whoknows.import_file(path, out=io.StringIO())
@@ -211,11 +249,13 @@ def test_md5_upgrade_end_to_end(client, db, tmp_path):
     blocked = client.get("/api/search", {"q": "x"}, status=403)
     assert "must be changed" in blocked.json["message"]
 
-    wrong = client.post("/api/change-password", {"old_password": "nope", "password": "n3w-secret",
-                                                 "password2": "n3w-secret"})
+    wrong = client.post(
+        "/api/change-password", {"old_password": "nope", "password": "n3w-secret", "password2": "n3w-secret"}
+    )
     assert "Your current password is wrong" in wrong.text
-    done = client.post("/api/change-password", {"old_password": "password", "password": "n3w-secret",
-                                                "password2": "n3w-secret"})
+    done = client.post(
+        "/api/change-password", {"old_password": "password", "password": "n3w-secret", "password2": "n3w-secret"}
+    )
     assert done.headers["Location"].endswith("/")
     assert "Your password was changed" in done.follow().text
     stored = db.execute("SELECT password_hash FROM users WHERE username = 'legacy'").fetchone()["password_hash"]
@@ -240,11 +280,11 @@ def test_voluntary_password_change_needs_the_old_password_and_ends_other_session
     assert "Log out [user1]" in other.get("/").text
     missing = client.post("/api/change-password", {"password": "brand-new", "password2": "brand-new"})
     assert "You have to enter your current password" in missing.text
-    same = client.post("/api/change-password", {"old_password": "default", "password": "default",
-                                                "password2": "default"})
+    same = client.post(
+        "/api/change-password", {"old_password": "default", "password": "default", "password2": "default"}
+    )
     assert "The new password must differ from the current one" in same.text
-    client.post("/api/change-password", {"old_password": "default", "password": "brand-new",
-                                         "password2": "brand-new"})
+    client.post("/api/change-password", {"old_password": "default", "password": "brand-new", "password2": "brand-new"})
     assert "Log out [user1]" in client.get("/").text
     assert 'id="nav-login"' in other.get("/").text
     assert db.execute("SELECT count(*) AS n FROM sessions").fetchone()["n"] == 1
@@ -256,6 +296,7 @@ def test_change_password_requires_login(client):
 
 
 # Sessions ######################################################################
+
 
 def session_cookie_header(response):
     return next(v for k, v in response.headerlist if k == "Set-Cookie" and v.startswith("session="))
@@ -304,19 +345,27 @@ def test_expired_sessions_end_and_are_cleaned_up(client, db):
 
 # Cross-site requests, brute force, escaping ####################################
 
-@pytest.mark.parametrize("headers, status", [
-    ({"Sec-Fetch-Site": "cross-site"}, 403),
-    ({"Sec-Fetch-Site": "same-site"}, 403),
-    ({"Origin": "https://evil.example"}, 403),
-    ({"Origin": "null"}, 403),
-    ({"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost:80"}, 200),
-    ({"Sec-Fetch-Site": "none"}, 200),
-    ({"Origin": "http://localhost:80"}, 200),
-    ({}, 200),
-])
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),
+        ({"Origin": "https://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Sec-Fetch-Site": "same-origin", "Origin": "http://localhost:80"}, 200),
+        ({"Sec-Fetch-Site": "none"}, 200),
+        ({"Origin": "http://localhost:80"}, 200),
+        ({}, 200),
+    ],
+)
 def test_cross_site_posts_are_refused(client, db, headers, status):
-    response = client.post("/api/register", {"username": "csrf", "email": "c@example.com", "password": "secret123"},
-                           headers={**JSON, **headers}, expect_errors=True)
+    response = client.post(
+        "/api/register",
+        {"username": "csrf", "email": "c@example.com", "password": "secret123"},
+        headers={**JSON, **headers},
+        expect_errors=True,
+    )
     assert response.status_int == status
     assert db.execute("SELECT count(*) AS n FROM users").fetchone()["n"] == (1 if status == 200 else 0)
     if status == 403:
@@ -370,14 +419,19 @@ def test_security_headers_on_redirects(client):
 
 # Races and defaults ############################################################
 
+
 def test_concurrent_registration_of_one_name_gives_one_account(db):
     results, barrier = [], threading.Barrier(8)
 
     def attempt(n):
         client = webtest.TestApp(whoknows.app)
         barrier.wait()
-        response = client.post("/api/register", {"username": "racer", "email": f"r{n}@example.com",
-                                                 "password": "secret123"}, headers=JSON, expect_errors=True)
+        response = client.post(
+            "/api/register",
+            {"username": "racer", "email": f"r{n}@example.com", "password": "secret123"},
+            headers=JSON,
+            expect_errors=True,
+        )
         results.append((response.status_int, response.json))
 
     threads = [threading.Thread(target=attempt, args=(n,)) for n in range(8)]

@@ -61,14 +61,19 @@ def test_healthz_ok(client):
 
 def test_healthz_reports_a_schema_behind(client, db):
     last = whoknows.migration_ids()[-1]
-    row = db.execute("DELETE FROM _yoyo_migration WHERE migration_id = %s "
-                     "RETURNING migration_hash, migration_id, applied_at_utc", (last,)).fetchone()
+    row = db.execute(
+        "DELETE FROM _yoyo_migration WHERE migration_id = %s RETURNING migration_hash, migration_id, applied_at_utc",
+        (last,),
+    ).fetchone()
     try:
         body = client.get("/healthz", status=503).json
         assert body["status"] == "schema behind" and body["pending_migrations"] == [last]
     finally:
-        db.execute("INSERT INTO _yoyo_migration (migration_hash, migration_id, applied_at_utc) "
-                   "VALUES (%(migration_hash)s, %(migration_id)s, %(applied_at_utc)s)", row)
+        db.execute(
+            "INSERT INTO _yoyo_migration (migration_hash, migration_id, applied_at_utc) "
+            "VALUES (%(migration_hash)s, %(migration_id)s, %(applied_at_utc)s)",
+            row,
+        )
 
 
 def test_503_while_the_database_is_down_then_recovery(client, add_page, proxy):
@@ -112,24 +117,33 @@ def run_app(*args, env=None):
     full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
     full_env.update(env or {})
     full_env = {k: v for k, v in full_env.items() if v is not None}
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], env=full_env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args], env=full_env, capture_output=True, text=True, timeout=60
+    )
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL must start with postgresql://"),
-    ({"DATABASE_URL": "postgresql://u@h/db?bogus_option=1"}, "DATABASE_URL is malformed"),
-    ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}, "cannot connect to the database"),
-    ({"PORT": "eighty"}, "PORT must be a whole number"),
-    ({"PORT": "70000"}, "PORT must be between 1 and 65535"),
-    ({"SECRET_KEY": "short"}, "SECRET_KEY must be at least 32 characters"),
-    ({"SECRET_KEY": None}, "SECRET_KEY is required when a database is configured"),
-    ({"SECRET_KEY": "change-me-to-the-output-of-openssl-rand-hex-32"}, "SECRET_KEY is still the placeholder"),
-    ({"DATABASE_URL": None, "POSTGRES_USER": "w", "POSTGRES_PASSWORD": "change-me-too"},
-     "POSTGRES_PASSWORD is still the placeholder"),
-    ({"DATABASE_URL": None, "POSTGRES_SERVER": "127.0.0.1", "POSTGRES_PORT": "1"}, "cannot connect to the database"),
-    ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG must be true or false"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL must start with postgresql://"),
+        ({"DATABASE_URL": "postgresql://u@h/db?bogus_option=1"}, "DATABASE_URL is malformed"),
+        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"}, "cannot connect to the database"),
+        ({"PORT": "eighty"}, "PORT must be a whole number"),
+        ({"PORT": "70000"}, "PORT must be between 1 and 65535"),
+        ({"SECRET_KEY": "short"}, "SECRET_KEY must be at least 32 characters"),
+        ({"SECRET_KEY": None}, "SECRET_KEY is required when a database is configured"),
+        ({"SECRET_KEY": "change-me-to-the-output-of-openssl-rand-hex-32"}, "SECRET_KEY is still the placeholder"),
+        (
+            {"DATABASE_URL": None, "POSTGRES_USER": "w", "POSTGRES_PASSWORD": "change-me-too"},
+            "POSTGRES_PASSWORD is still the placeholder",
+        ),
+        (
+            {"DATABASE_URL": None, "POSTGRES_SERVER": "127.0.0.1", "POSTGRES_PORT": "1"},
+            "cannot connect to the database",
+        ),
+        ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG must be true or false"),
+    ],
+)
 def test_bad_configuration_gives_one_clear_line(env, message):
     result = run_app("migrate", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere", **env})
     assert result.returncode != 0
@@ -140,6 +154,11 @@ def test_bad_configuration_gives_one_clear_line(env, message):
 
 def test_importing_app_starts_no_database():
     code = "import app, sys; sys.exit(1 if app._pool is not None or app._embedded is not None else 0)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+    )
     assert result.returncode == 0, result.stderr

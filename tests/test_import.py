@@ -14,15 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def page(n, **overrides):
-    record = {"title": f"Title {n}", "url": f"https://example.org/{n}", "language": "en",
-              "last_updated": "2009-01-10 00:00:00", "content": f"content number {n}"}
+    record = {
+        "title": f"Title {n}",
+        "url": f"https://example.org/{n}",
+        "language": "en",
+        "last_updated": "2009-01-10 00:00:00",
+        "content": f"content number {n}",
+    }
     record.update(overrides)
     return record
 
 
 def write_jsonl(path, lines):
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n", encoding="utf-8"
+    )
     return path
 
 
@@ -32,8 +38,9 @@ def import_quietly(path):
 
 
 def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
-    source = write_jsonl(tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"),
-                                                     page(3, content="")])  # legacy pages may be empty
+    source = write_jsonl(
+        tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"), page(3, content="")]
+    )  # legacy pages may be empty
     summary, _ = import_quietly(source)
     assert summary["pages"] == {"inserted": 3, "updated": 0, "unchanged": 0, "skipped": 0}
     row = db.execute("SELECT language, last_updated, content FROM pages WHERE url = 'https://example.org/2'").fetchone()
@@ -44,29 +51,41 @@ def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
     summary, _ = import_quietly(source)
     assert summary["pages"] == {"inserted": 1, "updated": 1, "unchanged": 2, "skipped": 0}
     assert db.execute("SELECT count(*) AS n FROM pages").fetchone()["n"] == 4
-    assert db.execute("SELECT content FROM pages WHERE url = 'https://example.org/2'").fetchone()["content"] == "changed"
+    assert (
+        db.execute("SELECT content FROM pages WHERE url = 'https://example.org/2'").fetchone()["content"] == "changed"
+    )
 
 
 def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
-    source = write_jsonl(tmp_path / "pages.jsonl", [
-        page(1),
-        "{not json",
-        page(3, language="de"),
-        page(4, title=""),
-        page(5, url="ftp://nope"),
-        page(6, last_updated="yesterday"),
-        page(7, content="nul\x00byte"),
-        "[1, 2]",
-        page(9, content=None),
-        page(10),
-        page(11, url="https://example.org/10"),  # same url again: the later line wins
-    ])
+    source = write_jsonl(
+        tmp_path / "pages.jsonl",
+        [
+            page(1),
+            "{not json",
+            page(3, language="de"),
+            page(4, title=""),
+            page(5, url="ftp://nope"),
+            page(6, last_updated="yesterday"),
+            page(7, content="nul\x00byte"),
+            "[1, 2]",
+            page(9, content=None),
+            page(10),
+            page(11, url="https://example.org/10"),  # same url again: the later line wins
+        ],
+    )
     summary, report = import_quietly(source)
     assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 9}
-    for lineno, reason in [(2, "not valid JSON"), (3, "language must be 'en' or 'da'"), (4, "title is missing"),
-                           (5, "url must be an http(s) URL"), (6, "last_updated is not a timestamp"),
-                           (7, "content contains a NUL character"), (8, "not an object"),
-                           (9, "content is missing"), (10, "the same url or title appears again later")]:
+    for lineno, reason in [
+        (2, "not valid JSON"),
+        (3, "language must be 'en' or 'da'"),
+        (4, "title is missing"),
+        (5, "url must be an http(s) URL"),
+        (6, "last_updated is not a timestamp"),
+        (7, "content contains a NUL character"),
+        (8, "not an object"),
+        (9, "content is missing"),
+        (10, "the same url or title appears again later"),
+    ]:
         assert f"skipped line {lineno}: {reason}" in report
     titles = [r["title"] for r in db.execute("SELECT title FROM pages ORDER BY title")]
     assert titles == ["Title 1", "Title 11"]
@@ -87,11 +106,14 @@ def make_legacy_db(path, users=(("admin", "admin@example.org", "5f4dcc3b5aa765d6
         CREATE TABLE pages (title TEXT PRIMARY KEY UNIQUE, url TEXT NOT NULL UNIQUE,
                             language TEXT NOT NULL DEFAULT 'en', last_updated TIMESTAMP, content TEXT NOT NULL);
     """)
-    db.executemany("INSERT INTO pages VALUES (?, ?, ?, ?, ?)", [
-        ("Fortran", "http://en.wikipedia.org/wiki/Fortran", "en", "2008-12-20 00:00:00", "Fortran is a language."),
-        ("MATLAB", "http://en.wikipedia.org/wiki/Matlab", "en", None, "MATLAB does matrices."),
-        ("Broken", "not a url", "en", None, "x"),
-    ])
+    db.executemany(
+        "INSERT INTO pages VALUES (?, ?, ?, ?, ?)",
+        [
+            ("Fortran", "http://en.wikipedia.org/wiki/Fortran", "en", "2008-12-20 00:00:00", "Fortran is a language."),
+            ("MATLAB", "http://en.wikipedia.org/wiki/Matlab", "en", None, "MATLAB does matrices."),
+            ("Broken", "not a url", "en", None, "x"),
+        ],
+    )
     db.executemany("INSERT INTO users (username, email, password) VALUES (?, ?, ?)", users)
     db.commit()
     db.close()
@@ -99,18 +121,24 @@ def make_legacy_db(path, users=(("admin", "admin@example.org", "5f4dcc3b5aa765d6
 
 
 def test_legacy_sqlite_import_with_users(tmp_path, db, client):
-    legacy = make_legacy_db(tmp_path / "whoknows.db", users=[
-        ("admin", "admin@example.org", "5f4dcc3b5aa765d61d8327deb882cf99"),
-        ("bad", "bad@example.org", "not-a-hash"),
-    ])
+    legacy = make_legacy_db(
+        tmp_path / "whoknows.db",
+        users=[
+            ("admin", "admin@example.org", "5f4dcc3b5aa765d61d8327deb882cf99"),
+            ("bad", "bad@example.org", "not-a-hash"),
+        ],
+    )
     summary, report = import_quietly(legacy)
     assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 1}
     assert summary["users"] == {"inserted": 1, "existing": 0, "skipped": 1}
     assert "skipped line 3: url must be an http(s) URL" in report
     assert "skipped user row 2" in report
     user = db.execute("SELECT username, email, password_hash FROM users").fetchone()
-    assert user == {"username": "admin", "email": "admin@example.org",
-                    "password_hash": "md5$5f4dcc3b5aa765d61d8327deb882cf99"}
+    assert user == {
+        "username": "admin",
+        "email": "admin@example.org",
+        "password_hash": "md5$5f4dcc3b5aa765d61d8327deb882cf99",
+    }
     assert client.get("/api/search", {"q": "fortran"}).json["data"][0]["title"] == "Fortran"
 
     summary, _ = import_quietly(legacy)
@@ -130,13 +158,23 @@ def test_reimport_never_resets_an_upgraded_password(tmp_path, db):
 def test_import_command_line(tmp_path, database_url):
     source = write_jsonl(tmp_path / "pages.jsonl", [page(1), "{bad"])
     env = {**os.environ, "DATABASE_URL": database_url}
-    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "import", str(source)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "import", str(source)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "pages: inserted 1, updated 0, unchanged 0, skipped 1" in result.stdout
     assert "skipped line 2: not valid JSON" in result.stderr
-    missing = subprocess.run([sys.executable, str(ROOT / "app.py"), "import", str(tmp_path / "nope.jsonl")],
-                             env=env, capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "import", str(tmp_path / "nope.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.jsonl")
     assert "Traceback" not in missing.stderr
 
@@ -152,8 +190,12 @@ def test_sample_pages_load_only_into_an_empty_table(db, client):
 
 def test_bulk_import_rebuilds_the_search_indexes(tmp_path, db, client, monkeypatch):
     def definitions():
-        return sorted(r["indexdef"] for r in db.execute(
-            "SELECT indexdef FROM pg_indexes WHERE tablename = 'pages' AND indexdef LIKE '%USING gin%'"))
+        return sorted(
+            r["indexdef"]
+            for r in db.execute(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = 'pages' AND indexdef LIKE '%USING gin%'"
+            )
+        )
 
     before = definitions()
     assert len(before) == 3

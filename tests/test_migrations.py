@@ -15,8 +15,12 @@ YOYO = Path(sys.executable).parent / "yoyo"
 
 def tables(url):
     with psycopg.connect(url) as conn:
-        return {row[0] for row in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE '%yoyo%'")}
+        return {
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT LIKE '%yoyo%'"
+            )
+        }
 
 
 def test_every_migration_has_a_rollback():
@@ -51,8 +55,9 @@ def test_yoyo_command_line_with_yoyo_ini(make_database):
     applied = subprocess.run([str(YOYO), "apply", "--batch"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert applied.returncode == 0, applied.stderr
     assert {"users", "pages"} <= tables(url)
-    rolled = subprocess.run([str(YOYO), "rollback", "--batch", "--all"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    rolled = subprocess.run(
+        [str(YOYO), "rollback", "--batch", "--all"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert rolled.returncode == 0, rolled.stderr
     assert tables(url) == set()
 

@@ -7,7 +7,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 import webtest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,17 +27,23 @@ def test_every_search_is_recorded(client, db, add_page):
     client.get("/", {"q": "nothing here", "language": "da"})
     rows = logged(db)
     assert [(r["query"], r["language"], r["results"], r["logged_in"]) for r in rows] == [
-        ("fortran", "en", 1, False), ("nothing here", "da", 0, False)]
+        ("fortran", "en", 1, False),
+        ("nothing here", "da", 0, False),
+    ]
     assert all(r["duration_ms"] >= 0 for r in rows)
 
 
 def test_logged_in_searches_are_marked_and_no_client_data_is_kept(client, db):
-    client.post("/api/register", {"username": "u", "email": "u@example.org", "password": "secret1", "password2": "secret1"})
+    client.post(
+        "/api/register", {"username": "u", "email": "u@example.org", "password": "secret1", "password2": "secret1"}
+    )
     client.post("/api/login", {"username": "u", "password": "secret1"})
     client.get("/api/search", {"q": "anything"})
     assert logged(db)[-1]["logged_in"] is True
-    columns = {r["column_name"] for r in db.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'search_log'")}
+    columns = {
+        r["column_name"]
+        for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'search_log'")
+    }
     assert columns == {"id", "searched_at", "query", "language", "results", "duration_ms", "logged_in"}
 
 
@@ -60,10 +65,12 @@ def test_a_failed_write_is_logged_and_dropped(client, db, proxy, caplog):
 
 def test_concurrent_searches_are_all_recorded(db, add_page):
     add_page("Busy", "busy page")
+
     def worker(n):
         client = webtest.TestApp(whoknows.app)
         for i in range(10):
             client.get("/api/search", {"q": f"busy {n} {i}"})
+
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
@@ -88,8 +95,9 @@ def test_searches_report(client, db, add_page, database_url):
         client.get("/api/search", {"q": q})
     logged(db)
     env = {**os.environ, "DATABASE_URL": database_url}
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "app.py"), "searches", *args], env=env,
-                                       capture_output=True, text=True, timeout=60)
+    run = lambda *args: subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "searches", *args], env=env, capture_output=True, text=True, timeout=60
+    )
     both = run("--days", "1")
     assert both.returncode == 0, both.stderr
     top, zero = both.stdout.split("Top searches that found nothing")
@@ -104,8 +112,11 @@ def test_searches_report(client, db, add_page, database_url):
 
 def scrape(client, **kwargs):
     response = client.get("/metrics", extra_environ=LOCAL, **kwargs)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def test_metrics_are_scraped_in_prometheus_text_format(client, add_page):
@@ -120,10 +131,13 @@ def test_metrics_are_scraped_in_prometheus_text_format(client, add_page):
     client.post("/api/login", {"username": "m", "password": "wrong"})
     after = scrape(client)
     # Counters live for the whole process: compare with the scrape before.
-    samples = {key: value - before.get(key, 0) if "_total" in key[0] or key[0].endswith("_count") else value
-               for key, value in after.items()}
-    req = lambda route, status, method="GET": samples[("whoknows_http_requests_total",
-                                                       (("method", method), ("route", route), ("status", status)))]
+    samples = {
+        key: value - before.get(key, 0) if "_total" in key[0] or key[0].endswith("_count") else value
+        for key, value in after.items()
+    }
+    req = lambda route, status, method="GET": samples[
+        ("whoknows_http_requests_total", (("method", method), ("route", route), ("status", status)))
+    ]
     assert req("/api/search", "200") == 2
     assert req("/static/<path:path>", "200") == 1  # the pattern, not the path
     assert req("unmatched", "404") == 1

@@ -94,11 +94,30 @@ def test_paging(client, add_page):
     assert "25 results" in html.text
 
 
-@pytest.mark.parametrize("q", [
-    '"', '""', "\\", "%", "_", "%_%", "😀", "the", "the and of", "or", "-", "!", "&|!():*",
-    "'; DROP TABLE pages; --", "a:*", "\\'", "<script>alert(1)</script>", "x" * 200,
-    " ".join(["w"] * 16),
-])
+@pytest.mark.parametrize(
+    "q",
+    [
+        '"',
+        '""',
+        "\\",
+        "%",
+        "_",
+        "%_%",
+        "😀",
+        "the",
+        "the and of",
+        "or",
+        "-",
+        "!",
+        "&|!():*",
+        "'; DROP TABLE pages; --",
+        "a:*",
+        "\\'",
+        "<script>alert(1)</script>",
+        "x" * 200,
+        " ".join(["w"] * 16),
+    ],
+)
 def test_hostile_queries_answer_cleanly(client, add_page, q):
     add_page("Survivor", "the page that must survive 100% _ of queries")
     response = client.get("/api/search", {"q": q})
@@ -117,18 +136,21 @@ def test_percent_and_underscore_are_literal_in_title_search(client, add_page):
     assert titles(client.get("/api/search", {"q": "zq%w"})) == ["zq%w"]
 
 
-@pytest.mark.parametrize("params, message", [
-    ({}, "q is required"),
-    ({"q": "   "}, "q is required"),
-    ({"q": "x", "language": "de"}, "language must be 'en' or 'da'"),
-    ({"q": "x", "page": "0"}, "page must be a whole number from 1 to 20"),
-    ({"q": "x", "page": "-1"}, "page must be a whole number"),
-    ({"q": "x", "page": "abc"}, "page must be a whole number"),
-    ({"q": "x", "page": "21"}, "page must be a whole number"),
-    ({"q": "x" * 201}, "q is too long (at most 200 characters)"),
-    ({"q": " ".join(["w"] * 17)}, "q has too many words (at most 16)"),
-    ({"q": "nul\x00byte"}, "q must not contain NUL characters"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({}, "q is required"),
+        ({"q": "   "}, "q is required"),
+        ({"q": "x", "language": "de"}, "language must be 'en' or 'da'"),
+        ({"q": "x", "page": "0"}, "page must be a whole number from 1 to 20"),
+        ({"q": "x", "page": "-1"}, "page must be a whole number"),
+        ({"q": "x", "page": "abc"}, "page must be a whole number"),
+        ({"q": "x", "page": "21"}, "page must be a whole number"),
+        ({"q": "x" * 201}, "q is too long (at most 200 characters)"),
+        ({"q": " ".join(["w"] * 17)}, "q has too many words (at most 16)"),
+        ({"q": "nul\x00byte"}, "q must not contain NUL characters"),
+    ],
+)
 def test_api_search_rejects_bad_input_with_422(client, params, message):
     response = client.get("/api/search", params, status=422)
     assert response.json["statusCode"] == 422
@@ -150,8 +172,16 @@ def test_search_page_shows_bad_input_on_the_page(client):
 
 def test_search_page_form_and_legacy_ids(client):
     page = client.get("/")
-    for marker in ('id="search-input"', 'id="search-button"', 'id="results"', 'id="nav-logo"',
-                   'id="nav-login"', 'id="nav-register"', 'method="get"', 'name="language"'):
+    for marker in (
+        'id="search-input"',
+        'id="search-button"',
+        'id="results"',
+        'id="nav-logo"',
+        'id="nav-login"',
+        'id="nav-register"',
+        'method="get"',
+        'name="language"',
+    ):
         assert marker in page.text
 
 

@@ -26,17 +26,41 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Shaped like a real Open-Meteo answer to the app's request.
 ANSWER = {
-    "latitude": 55.68, "longitude": 12.57, "generationtime_ms": 0.06, "utc_offset_seconds": 3600,
-    "timezone": "Europe/Copenhagen", "timezone_abbreviation": "GMT+1", "elevation": 9.0,
-    "current_units": {"time": "iso8601", "interval": "seconds", "temperature_2m": "°C",
-                      "weather_code": "wmo code", "wind_speed_10m": "km/h"},
-    "current": {"time": "2026-11-27T14:00", "interval": 900, "temperature_2m": 4.3, "weather_code": 3,
-                "wind_speed_10m": 14.2},
-    "daily_units": {"time": "iso8601", "weather_code": "wmo code", "temperature_2m_max": "°C",
-                    "temperature_2m_min": "°C", "precipitation_sum": "mm"},
-    "daily": {"time": ["2026-11-27", "2026-11-28", "2026-11-29"], "weather_code": [3, 61, 95],
-              "temperature_2m_max": [6.1, 7.0, 5.5], "temperature_2m_min": [2.0, 3.4, -1.2],
-              "precipitation_sum": [0.0, 4.2, 11.3]},
+    "latitude": 55.68,
+    "longitude": 12.57,
+    "generationtime_ms": 0.06,
+    "utc_offset_seconds": 3600,
+    "timezone": "Europe/Copenhagen",
+    "timezone_abbreviation": "GMT+1",
+    "elevation": 9.0,
+    "current_units": {
+        "time": "iso8601",
+        "interval": "seconds",
+        "temperature_2m": "°C",
+        "weather_code": "wmo code",
+        "wind_speed_10m": "km/h",
+    },
+    "current": {
+        "time": "2026-11-27T14:00",
+        "interval": 900,
+        "temperature_2m": 4.3,
+        "weather_code": 3,
+        "wind_speed_10m": 14.2,
+    },
+    "daily_units": {
+        "time": "iso8601",
+        "weather_code": "wmo code",
+        "temperature_2m_max": "°C",
+        "temperature_2m_min": "°C",
+        "precipitation_sum": "mm",
+    },
+    "daily": {
+        "time": ["2026-11-27", "2026-11-28", "2026-11-29"],
+        "weather_code": [3, 61, 95],
+        "temperature_2m_max": [6.1, 7.0, 5.5],
+        "temperature_2m_min": [2.0, 3.4, -1.2],
+        "precipitation_sum": [0.0, 4.2, 11.3],
+    },
 }
 DELETE = object()
 
@@ -117,20 +141,24 @@ def provider(monkeypatch):
 
 def age_cache(db, interval="1 hour"):
     """Make the cached weather older by interval; return its new fetched_at."""
-    row = db.execute("UPDATE weather_cache SET fetched_at = fetched_at - %s::interval RETURNING fetched_at",
-                     (interval,)).fetchone()
+    row = db.execute(
+        "UPDATE weather_cache SET fetched_at = fetched_at - %s::interval RETURNING fetched_at", (interval,)
+    ).fetchone()
     return row["fetched_at"]
 
 
 def warnings_logged(caplog):
     """Return the app's warning lines about the weather provider."""
-    return [r.getMessage() for r in caplog.records
-            if r.name == "whoknows" and r.levelname == "WARNING" and "weather provider" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "whoknows" and r.levelname == "WARNING" and "weather provider" in r.getMessage()
+    ]
 
 
 def iso(stamp):
     """Return a timestamp as the API shows it."""
-    return stamp.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
+    return stamp.astimezone(dt.UTC).isoformat(timespec="seconds")
 
 
 FAILURES = {
@@ -146,35 +174,60 @@ FAILURES = {
 
 
 def test_a_fresh_fetch_asks_the_provider_once_and_serves_the_data(client, provider, db):
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     response = client.get("/api/weather")
     assert response.status_code == 200 and response.content_type == "application/json"
     data = response.json["data"]
     assert set(response.json) == {"data"}
     assert data["location"] == "København" and data["latitude"] == 55.6761 and data["longitude"] == 12.5683
-    assert data["current"] == {"time": "2026-11-27T14:00", "temperature_c": 4.3, "wind_speed_kmh": 14.2,
-                               "weather_code": 3, "description": "Overcast"}
+    assert data["current"] == {
+        "time": "2026-11-27T14:00",
+        "temperature_c": 4.3,
+        "wind_speed_kmh": 14.2,
+        "weather_code": 3,
+        "description": "Overcast",
+    }
     assert data["forecast"] == [
-        {"date": "2026-11-27", "min_c": 2.0, "max_c": 6.1, "precipitation_mm": 0.0, "weather_code": 3,
-         "description": "Overcast"},
-        {"date": "2026-11-28", "min_c": 3.4, "max_c": 7.0, "precipitation_mm": 4.2, "weather_code": 61,
-         "description": "Slight rain"},
-        {"date": "2026-11-29", "min_c": -1.2, "max_c": 5.5, "precipitation_mm": 11.3, "weather_code": 95,
-         "description": "Thunderstorm"},
+        {
+            "date": "2026-11-27",
+            "min_c": 2.0,
+            "max_c": 6.1,
+            "precipitation_mm": 0.0,
+            "weather_code": 3,
+            "description": "Overcast",
+        },
+        {
+            "date": "2026-11-28",
+            "min_c": 3.4,
+            "max_c": 7.0,
+            "precipitation_mm": 4.2,
+            "weather_code": 61,
+            "description": "Slight rain",
+        },
+        {
+            "date": "2026-11-29",
+            "min_c": -1.2,
+            "max_c": 5.5,
+            "precipitation_mm": 11.3,
+            "weather_code": 95,
+            "description": "Thunderstorm",
+        },
     ]
     assert data["stale"] is False and data["source"] == "Open-Meteo" and data["timezone"] == "Europe/Copenhagen"
     fetched_at = dt.datetime.fromisoformat(data["fetched_at"])
-    assert before - dt.timedelta(seconds=5) <= fetched_at <= dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+    assert before - dt.timedelta(seconds=5) <= fetched_at <= dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
 
     assert len(provider.requests) == 1
     url = urlsplit(provider.requests[0])
     assert url.path == "/v1/forecast"
     assert "timezone=Europe%2FCopenhagen" in url.query and "current=temperature_2m,weather_code," in url.query
     assert {name: values[0] for name, values in parse_qs(url.query).items()} == {
-        "latitude": "55.6761", "longitude": "12.5683",
+        "latitude": "55.6761",
+        "longitude": "12.5683",
         "current": "temperature_2m,weather_code,wind_speed_10m",
         "daily": "weather_code,temperature_2m_max,temperature_2m_min,precipitation_sum",
-        "timezone": "Europe/Copenhagen", "forecast_days": "3",
+        "timezone": "Europe/Copenhagen",
+        "forecast_days": "3",
     }
     row = db.execute("SELECT location, data, fetched_at FROM weather_cache").fetchone()
     assert row["location"] == whoknows.weather_key() and row["data"]["current"]["temperature_c"] == 4.3
@@ -197,9 +250,11 @@ def test_the_weather_page_shows_the_data_in_the_layout(client, provider):
     text = page.text
     assert "<h1>Weather in København</h1>" in text
     assert "4.3 °C" in text and "Overcast, wind 14 km/h" in text
-    for day, description, low, high, rain in (("Friday 27 November", "Overcast", "2.0", "6.1", "0.0"),
-                                              ("Saturday 28 November", "Slight rain", "3.4", "7.0", "4.2"),
-                                              ("Sunday 29 November", "Thunderstorm", "-1.2", "5.5", "11.3")):
+    for day, description, low, high, rain in (
+        ("Friday 27 November", "Overcast", "2.0", "6.1", "0.0"),
+        ("Saturday 28 November", "Slight rain", "3.4", "7.0", "4.2"),
+        ("Sunday 29 November", "Thunderstorm", "-1.2", "5.5", "11.3"),
+    ):
         row = re.search(rf'<time datetime="[0-9-]+">{day}</time>.*?</tr>', text, re.S)
         assert row, day
         assert description in row.group(0) and f"{low} °C" in row.group(0) and f"{high} °C" in row.group(0)
@@ -273,8 +328,9 @@ def test_a_failing_provider_with_a_stale_copy_serves_it_marked_stale(client, pro
     assert response.status_code == 200
     data = response.json["data"]
     assert data["stale"] is True and data["fetched_at"] == iso(fetched_at)
-    assert {k: v for k, v in data.items() if k not in ("stale", "fetched_at")} == \
-           {k: v for k, v in first.items() if k not in ("stale", "fetched_at")}
+    assert {k: v for k, v in data.items() if k not in ("stale", "fetched_at")} == {
+        k: v for k, v in first.items() if k not in ("stale", "fetched_at")
+    }
     assert len(warnings_logged(caplog)) == 1 and "serving the stale copy" in warnings_logged(caplog)[0]
 
     page = client.get("/weather")
@@ -441,41 +497,61 @@ def test_concurrent_requests_while_the_provider_fails_ask_it_once(provider, capl
 def run_app(*args, env):
     """Run app.py with env added to the environment (DATABASE_URL pointing nowhere)."""
     full_env = {**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere", **env}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
 
 
 def test_weather_settings_have_the_documented_defaults():
-    env = {name: "" for name in ("WEATHER_BASE_URL", "WEATHER_LATITUDE", "WEATHER_LONGITUDE",
-                                 "WEATHER_LOCATION", "WEATHER_CACHE_SECONDS", "WEATHER_TIMEOUT")}
-    code = ("import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
-            "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))")
+    env = {
+        name: ""
+        for name in (
+            "WEATHER_BASE_URL",
+            "WEATHER_LATITUDE",
+            "WEATHER_LONGITUDE",
+            "WEATHER_LOCATION",
+            "WEATHER_CACHE_SECONDS",
+            "WEATHER_TIMEOUT",
+        )
+    }
+    code = (
+        "import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
+        "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))"
+    )
     result = run_app("-c", code, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == repr(("https://api.open-meteo.com", 55.6761, 12.5683, "København", 600, 3.0))
 
 
 def test_weather_settings_are_read_from_the_environment():
-    env = {"WEATHER_BASE_URL": "http://weather.internal:8080/", "WEATHER_LATITUDE": "56.1567",
-           "WEATHER_LONGITUDE": "-10.5", "WEATHER_LOCATION": "Aarhus", "WEATHER_CACHE_SECONDS": "0",
-           "WEATHER_TIMEOUT": "1.5"}
-    code = ("import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
-            "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))")
+    env = {
+        "WEATHER_BASE_URL": "http://weather.internal:8080/",
+        "WEATHER_LATITUDE": "56.1567",
+        "WEATHER_LONGITUDE": "-10.5",
+        "WEATHER_LOCATION": "Aarhus",
+        "WEATHER_CACHE_SECONDS": "0",
+        "WEATHER_TIMEOUT": "1.5",
+    }
+    code = (
+        "import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
+        "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))"
+    )
     result = run_app("-c", code, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == repr(("http://weather.internal:8080", 56.1567, -10.5, "Aarhus", 0, 1.5))
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WEATHER_LATITUDE": "north"}, "WEATHER_LATITUDE must be a number, not 'north'"),
-    ({"WEATHER_LATITUDE": "91"}, "WEATHER_LATITUDE must be between -90 and 90"),
-    ({"WEATHER_LONGITUDE": "nan"}, "WEATHER_LONGITUDE must be between -180 and 180"),
-    ({"WEATHER_TIMEOUT": "0"}, "WEATHER_TIMEOUT must be between 0.1 and 60"),
-    ({"WEATHER_CACHE_SECONDS": "-1"}, "WEATHER_CACHE_SECONDS must be between 0 and 86400"),
-    ({"WEATHER_CACHE_SECONDS": "ten"}, "WEATHER_CACHE_SECONDS must be a whole number"),
-    ({"WEATHER_BASE_URL": "file:///etc"}, "WEATHER_BASE_URL must be an http:// or https:// base URL"),
-    ({"WEATHER_BASE_URL": "api.open-meteo.com"}, "WEATHER_BASE_URL must be an http:// or https:// base URL"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WEATHER_LATITUDE": "north"}, "WEATHER_LATITUDE must be a number, not 'north'"),
+        ({"WEATHER_LATITUDE": "91"}, "WEATHER_LATITUDE must be between -90 and 90"),
+        ({"WEATHER_LONGITUDE": "nan"}, "WEATHER_LONGITUDE must be between -180 and 180"),
+        ({"WEATHER_TIMEOUT": "0"}, "WEATHER_TIMEOUT must be between 0.1 and 60"),
+        ({"WEATHER_CACHE_SECONDS": "-1"}, "WEATHER_CACHE_SECONDS must be between 0 and 86400"),
+        ({"WEATHER_CACHE_SECONDS": "ten"}, "WEATHER_CACHE_SECONDS must be a whole number"),
+        ({"WEATHER_BASE_URL": "file:///etc"}, "WEATHER_BASE_URL must be an http:// or https:// base URL"),
+        ({"WEATHER_BASE_URL": "api.open-meteo.com"}, "WEATHER_BASE_URL must be an http:// or https:// base URL"),
+    ],
+)
 def test_bad_weather_settings_give_one_clear_line(env, message):
     result = run_app(str(ROOT / "app.py"), "migrate", env=env)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -483,9 +559,18 @@ def test_bad_weather_settings_give_one_clear_line(env, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("code, description", [
-    (0, "Clear sky"), (3, "Overcast"), (45, "Fog"), (61, "Slight rain"), (75, "Heavy snowfall"),
-    (82, "Violent rain showers"), (99, "Thunderstorm with heavy hail"), (42, "Unknown weather (WMO code 42)"),
-])
+@pytest.mark.parametrize(
+    "code, description",
+    [
+        (0, "Clear sky"),
+        (3, "Overcast"),
+        (45, "Fog"),
+        (61, "Slight rain"),
+        (75, "Heavy snowfall"),
+        (82, "Violent rain showers"),
+        (99, "Thunderstorm with heavy hail"),
+        (42, "Unknown weather (WMO code 42)"),
+    ],
+)
 def test_wmo_codes_have_short_english_descriptions(code, description):
     assert whoknows.weather_description(code) == description

