@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test migrate import clean bench verify
+.PHONY: run test migrate import clean bench verify lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-ge
 
 verify: $(STAMP)  ## checks from outside: contract fuzzing, sqlmap, faults and limits, soak (slow)
 	$(BIN)/python -m pytest -m external tests/external $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## static checks: ruff (lint and format) and bandit
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/bandit -q -c pyproject.toml -r app.py bench

@@ -454,14 +454,16 @@ class BadInput(ValueError):
 def text_param(source, name, max_length):
     """Return a text parameter decoded as UTF-8 ('' when missing).
 
-    Bottle hands out UTF-8 decoded as latin-1 (FACTS.md), so decode properly,
-    and refuse invalid UTF-8, NUL characters and overlong values.
+    Bottle hands out query strings and url-encoded forms as UTF-8 decoded as
+    latin-1 (FACTS.md), so decode those properly; multipart fields arrive
+    decoded already (recode_unicode is False). Refuse invalid UTF-8, NUL
+    characters and overlong values.
     """
     raw = source.get(name)
     if raw is None:
         return ""
     try:
-        value = raw.encode("latin-1").decode("utf-8")
+        value = raw.encode("latin-1").decode("utf-8") if source.recode_unicode else raw
     except UnicodeError:
         raise BadInput(f"{name} is not valid UTF-8", name) from None
     if "\x00" in value:
@@ -1009,7 +1011,15 @@ PASSWORD_CHANGE_MESSAGE = (  # nosec B105
 
 
 # While an account still has its leaked legacy hash, only these paths work.
-PASSWORD_CHANGE_PATHS = ("/change-password", "/api/change-password", "/api/logout", "/static/", "/healthz")
+PASSWORD_CHANGE_PATHS = (
+    "/change-password",
+    "/api/change-password",
+    "/api/logout",
+    "/static/",
+    "/healthz",
+    "/metrics",
+    "/openapi.json",
+)
 
 
 def error_guard(callback):
@@ -1683,6 +1693,7 @@ ERROR_MESSAGES = {
     404: "There is no page at this address.",
     405: "This method is not allowed here.",
     413: "The request is too large.",
+    416: "The requested range is not available.",
     500: SERVER_ERROR_MESSAGE,
 }
 

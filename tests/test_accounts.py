@@ -460,3 +460,15 @@ def test_password_hashes_are_salted_and_verify():
     assert whoknows.check_password(first, "same") and not whoknows.check_password(first, "other")
     assert whoknows.check_password("md5$" + hashlib.md5(b"pw").hexdigest(), "pw")
     assert not whoknows.check_password("md5$" + hashlib.md5(b"pw").hexdigest(), "PW")
+
+
+def test_multipart_forms_are_decoded_once(client, db):
+    """Browsers may post multipart/form-data; Bottle decodes those fields itself."""
+    fields = [("username", "Åse"), ("email", "åse@example.org"), ("password", "hemmeligt"), ("password2", "hemmeligt")]
+    response = client.post("/api/register", upload_files=[], params=fields, content_type="multipart/form-data")
+    assert response.status_int == 303
+    assert db.execute("SELECT username FROM users").fetchone()["username"] == "Åse"
+    login = client.post(
+        "/api/login", params=[("username", "Åse"), ("password", "hemmeligt")], content_type="multipart/form-data"
+    )
+    assert login.status_int == 303 and "Log out [Åse]" in login.follow().text
