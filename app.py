@@ -1848,7 +1848,7 @@ def import_pages(conn, records, out):
     counts["inserted"] = sum(1 for row in written if row["inserted"])
     counts["updated"] = len(written) - counts["inserted"]
     counts["unchanged"] = seen - removed - len(written)
-    return counts
+    return counts, bool(indexes)
 
 
 def import_legacy_users(conn, db, out):
@@ -1886,18 +1886,19 @@ def import_file(path, out=sys.stderr):
         if is_sqlite:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                summary["pages"] = import_pages(conn, read_legacy_pages(db), out)
+                summary["pages"], rebuilt = import_pages(conn, read_legacy_pages(db), out)
                 summary["users"] = import_legacy_users(conn, db, out)
             except sqlite3.DatabaseError as exc:
                 raise ConfigError(f"{path} is not a legacy whoknows.db: {one_line(exc)}") from None
             finally:
                 db.close()
         else:
-            summary["pages"] = import_pages(conn, read_jsonl(path), out)
+            summary["pages"], rebuilt = import_pages(conn, read_jsonl(path), out)
     # Fresh statistics for the planner, and an empty GIN pending list, so the
-    # first searches after a bulk load are as fast as later ones.
+    # first searches after a load are as fast as later ones. Rebuilt indexes
+    # have no pending list, and VACUUM of a million fresh rows takes minutes.
     with psycopg.connect(pool_url(), autocommit=True) as conn:
-        conn.execute(sql("vacuum_pages"))
+        conn.execute(sql("analyze_pages") if rebuilt else sql("vacuum_pages"))
     search_cache.clear()
     return summary
 
