@@ -36,7 +36,7 @@ import psycopg
 import psycopg.sql
 from markupsafe import Markup
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("whoknows")
@@ -324,15 +324,42 @@ def pool_url():
     return get_pool().conninfo
 
 
+class FailFastPool(ConnectionPool):
+    """A pool that, once a wait for a connection has timed out, makes the next
+    requests wait only FAIL_FAST_SECONDS until a connection comes back.
+
+    Without it, every worker thread waits the full timeout during an outage and
+    the requests queued behind them wait several timeouts for their 503.
+    """
+
+    FAIL_FAST_SECONDS = 0.5
+    failing = False
+
+    def getconn(self, timeout=None):
+        if timeout is None and self.failing:
+            timeout = self.FAIL_FAST_SECONDS
+        try:
+            conn = super().getconn(timeout=timeout)
+        except PoolTimeout:
+            self.failing = True
+            raise
+        self.failing = False
+        return conn
+
+
 def make_pool(url):
     """Return an open pool; it connects in the background and survives outages."""
     # check= validates a connection before handing it out, so the first request
     # after a database restart does not get a dead one; timeout= turns an outage
     # into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
     # the pool for good if the database is down.
-    return ConnectionPool(
+    # reconnect_timeout: psycopg_pool doubles its wait between attempts while
+    # the database is down; giving up after 5 s lets the next request start
+    # again from a short wait, so a long outage does not mean a slow recovery.
+    return FailFastPool(
         url,
         min_size=2,
+        reconnect_timeout=5,
         max_size=POOL_MAX_SIZE,
         timeout=POOL_TIMEOUT,
         max_waiting=POOL_MAX_SIZE * 8,
@@ -1462,6 +1489,8 @@ EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
 def form_text(name, strip=False):
     """Return a form field as UTF-8 text; None when the field was not sent."""
     if bottle.request.forms.get(name) is None:
+        if name in bottle.request.POST:  # Bottle keeps very large multipart fields as files
+            raise BadInput(f"{name} is too long", name)
         return None
     value = text_param(bottle.request.forms, name, 4096)
     return value.strip() if strip else value
