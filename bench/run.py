@@ -362,6 +362,26 @@ def table(rows):
     return "\n".join(lines)
 
 
+def search_log_ab(url, port, mix, args):
+    """Print /api/search throughput with the search log off and on, alternating
+    so that drift over the run (autovacuum, caches) hits both alike."""
+    paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
+    conns = int(args.connections.split(",")[0])
+    figures = {"false": [], "true": []}
+    for _ in range(args.search_log_ab):
+        for setting in ("false", "true"):
+            server = serve(url, port, SEARCH_LOG=setting)
+            figures[setting].append(wrk(port, paths, conns, args.duration, accept="application/json")["rps"])
+            server.terminate()
+            server.wait(30)
+    for setting, rps in figures.items():
+        print(
+            f"SEARCH_LOG={setting}: "
+            + ", ".join(f"{r:,.0f}" for r in rps)
+            + f" req/s; median {statistics.median(rps):,.0f}"
+        )
+
+
 def ratio(a, b):
     return f"{a / b:.2f}" if b else "–"
 
@@ -372,6 +392,12 @@ def main():
     parser.add_argument("--duration", type=int, default=15, help="seconds per load run")
     parser.add_argument("--connections", default="8,32")
     parser.add_argument("--requests", type=int, default=10_000, help="length of the query mix")
+    parser.add_argument(
+        "--search-log-ab",
+        type=int,
+        metavar="ROUNDS",
+        help="only measure the search log: /api/search with SEARCH_LOG=false and true, alternating, ROUNDS times",
+    )
     args = parser.parse_args()
     for tool in ("wrk",):
         if not shutil.which(tool):
@@ -388,6 +414,9 @@ def main():
         size = sizes(url)
         load_mix_table(url, mix)
         port = free_port()
+        if args.search_log_ab:
+            search_log_ab(url, port, mix, args)
+            return
         server = serve(url, port)
         rss = RssSampler(server.pid)
         rss.start()
