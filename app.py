@@ -1866,6 +1866,7 @@ def import_pages(conn, records, out):
         # the import to commit meanwhile, which suits a first load.
         indexes = conn.execute(sql("list_page_search_indexes")).fetchall()
         for index in indexes:
+            # An index name from the catalog, quoted as an identifier by psycopg.sql.
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
     if indexes:

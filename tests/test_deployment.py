@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from helpers import dockerfile_instruction, free_port
 
 import app as whoknows
 
@@ -86,14 +87,6 @@ def test_credentials_stay_out_of_the_compose_file():
 # The images ######################################################################
 
 
-def dockerfile_instruction(path, name):
-    """Return the JSON-array argument of the last NAME instruction (CMD, HEALTHCHECK ... CMD)."""
-    text = path.read_text().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(name + " ")]
-    assert lines, f"no {name} in {path}"
-    return json.loads(lines[-1][lines[-1].index("[") :])
-
-
 def test_app_image_shape():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
@@ -101,8 +94,8 @@ def test_app_image_shape():
     assert order == sorted(order), "dependencies must be installed in a layer before the code is copied"
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0")
-    assert "/healthz" in " ".join(dockerfile_instruction(ROOT / "Dockerfile", "HEALTHCHECK"))
-    cmd = dockerfile_instruction(ROOT / "Dockerfile", "CMD")
+    assert "/healthz" in " ".join(dockerfile_instruction("HEALTHCHECK"))
+    cmd = dockerfile_instruction("CMD")
     assert cmd[0] == "waitress-serve" and cmd[-1] == "app:app" and any(a.startswith("--threads=") for a in cmd)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".data", ".venv", "tests"} <= set(ignored)
@@ -150,12 +143,6 @@ def check_config_with(tmp_path):
 # Running the containers' commands directly ####################################
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def with_port(args, port):
     return [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in args]
 
@@ -191,7 +178,7 @@ def deployed(compose, make_database):
         "SHUTDOWN_TIMEOUT": "15",
     }
     port = free_port()
-    command = with_port(dockerfile_instruction(ROOT / "Dockerfile", "CMD"), port)
+    command = with_port(dockerfile_instruction("CMD"), port)
     process = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -224,7 +211,7 @@ def test_migrate_then_app_serve_search_and_pass_the_healthcheck(deployed):
         )
     status, body = get(f"{deployed['base']}/api/search?q=deployed")
     assert status == 200 and json.loads(body)["data"][0]["title"] == "Compose"
-    healthcheck = with_port(dockerfile_instruction(ROOT / "Dockerfile", "HEALTHCHECK"), deployed["port"])
+    healthcheck = with_port(dockerfile_instruction("HEALTHCHECK"), deployed["port"])
     assert subprocess.run(healthcheck, timeout=30).returncode == 0
 
 

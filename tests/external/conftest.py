@@ -3,11 +3,9 @@ waitress-serve command, in a subprocess) on a private PostgreSQL 18 that these
 tests may stop and start. Run with `make verify`; `make test` leaves them out.
 """
 
-import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from helpers import dockerfile_instruction, free_port
 
 import app as whoknows
 
@@ -77,26 +76,31 @@ def private_postgres():
     server.cleanup()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def dockerfile_cmd():
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    line = [x for x in text.splitlines() if x.startswith("CMD ")][-1]
-    return json.loads(line[4:])
+    """The app image's CMD, read from the Dockerfile."""
+    return dockerfile_instruction("CMD")
 
 
 class RunningApp:
-    """The production command serving on a free port; .base is its URL."""
+    """The production command serving on a free port; .base is its URL.
 
-    def __init__(self, database_url, extra_env=None):
+    options replaces the values of some of the command's options (e.g.
+    {"channel-timeout": "3"}), only for checks that would otherwise take too long.
+    """
+
+    def __init__(self, database_url, extra_env=None, options=None):
         self.database_url = database_url
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        command = [a.replace("0.0.0.0:8080", f"127.0.0.1:{self.port}") for a in dockerfile_cmd()]
+        command = []
+        for arg in dockerfile_cmd():
+            name = arg.split("=", 1)[0].lstrip("-")
+            if name == "listen":
+                arg = f"--listen=127.0.0.1:{self.port}"
+            elif name in (options or {}):
+                arg = f"--{name}={options[name]}"
+            command.append(arg)
+        self.command = command
         env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

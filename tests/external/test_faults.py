@@ -15,7 +15,6 @@ import secrets
 import select
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -25,7 +24,7 @@ import pytest
 
 import app as whoknows
 
-from .conftest import BIN, ROOT, RunningApp, dockerfile_cmd, free_port, tool
+from .conftest import BIN, ROOT, RunningApp, dockerfile_cmd, tool
 
 POOL_TIMEOUT = 3  # seconds; set explicitly for the servers these tests start
 JSON = {"Accept": "application/json"}
@@ -701,46 +700,6 @@ def test_bad_encoding_in_a_browser_form_post_is_refused_without_garbage(running_
 # 4. Slow clients ##############################################################
 
 
-class ScratchApp:
-    """The Dockerfile's CMD with some options substituted (RunningApp cannot
-    change the command). Only for checks that would otherwise take too long."""
-
-    def __init__(self, database_url, replace):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        command = []
-        for arg in dockerfile_cmd():
-            name = arg.split("=", 1)[0]
-            if arg == "--listen=0.0.0.0:8080":
-                arg = f"--listen=127.0.0.1:{self.port}"
-            elif name.lstrip("-") in replace:
-                arg = f"{name}={replace[name.lstrip('-')]}"
-            command.append(arg)
-        self.command = command
-        env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "DATABASE_URL": database_url,
-            "SECRET_KEY": secrets.token_hex(32),
-            "POOL_TIMEOUT": str(POOL_TIMEOUT),
-        }
-        self.log = tempfile.NamedTemporaryFile(prefix="whoknows-scratch-", suffix=".log", delete=False)  # noqa: SIM115
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        if wait_healthy(self.base, 30) is None:
-            self.stop()
-            raise AssertionError(f"the scratch server did not become healthy: {command}")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        os.unlink(self.log.name)
-
-
 def seconds_until_closed(sock, limit, drip=None):
     """Wait until the server closes sock (recv gives b'' or a reset); optionally
     send one byte of drip every second meanwhile. Return the seconds, or None."""
@@ -819,7 +778,7 @@ def short_timeout_app(app_database):
     """The Dockerfile's CMD, but with --channel-timeout=3 and --cleanup-interval=1
     (instead of 30 and 10) so that the idle close shows within seconds. Every
     other option is the Dockerfile's."""
-    server = ScratchApp(app_database, {"channel-timeout": "3", "cleanup-interval": "1"})
+    server = RunningApp(app_database, options={"channel-timeout": "3", "cleanup-interval": "1"})
     yield server
     server.stop()
 
