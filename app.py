@@ -77,18 +77,23 @@ def setting(name, default=None):
     return value if value else default
 
 
-def int_setting(name, default, low, high):
-    """Return an integer setting, or raise ConfigError naming the bad value."""
+def number_setting(name, default, low, high, parse, kind):
+    """Return a number setting parsed by parse, or raise ConfigError naming the bad value."""
     raw = setting(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
+        raise ConfigError(f"{name} must be {kind}, not {raw!r}") from None
+    if not low <= value <= high:  # NaN fails this too
+        raise ConfigError(f"{name} must be between {low} and {high}, not {raw}")
     return value
+
+
+def int_setting(name, default, low, high):
+    """Return an integer setting, or raise ConfigError naming the bad value."""
+    return number_setting(name, default, low, high, int, "a whole number")
 
 
 def bool_setting(name, default):
@@ -105,16 +110,7 @@ def bool_setting(name, default):
 
 def float_setting(name, default, low, high):
     """Return a decimal number setting, or raise ConfigError naming the bad value."""
-    raw = setting(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-    if not low <= value <= high:  # NaN fails this too
-        raise ConfigError(f"{name} must be between {low} and {high}, not {raw}")
-    return value
+    return number_setting(name, default, low, high, float, "a number")
 
 
 def http_url_setting(name, default):
