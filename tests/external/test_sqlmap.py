@@ -173,7 +173,10 @@ def test_login_password_is_not_injectable(running_app, tmp_path):
     ],
 )
 def test_register_fields_are_not_injectable(running_app, app_database, tmp_path, field, other, extra):
-    base = f"sqlmap{secrets.token_hex(3)}"
+    # No 0 or 4 in the name: sqlmap 1.7's --randomize also rewrites digit runs
+    # inside URL escapes, so a run "4", "0" or "40" in the email turned its
+    # "%40" (the @) into another character, and every insert was refused.
+    base = "sqlmap" + "".join(secrets.choice("12356789") for _ in range(8))
     data = f"username={base}&email={base}@example.org&password=secret123&password2=secret123"
     output, counts = run_sqlmap(
         running_app,
