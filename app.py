@@ -734,7 +734,9 @@ PAGE_SIZE = 10
 # shows "200+" beyond that, and paging stops at the cap.
 SEARCH_CAP = 200
 MAX_PAGE = SEARCH_CAP // PAGE_SIZE
-SNIPPET_CHARS = 600  # ts_headline parses this much of each returned page
+# ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
+# characters before the first query word: room for its 35 words around it.
+SNIPPET_CHARS, SNIPPET_LEAD = 300, 60
 MAX_QUERY_LENGTH = 200
 MAX_QUERY_WORDS = 16
 # Private-use characters mark matches in ts_headline output, which is not
@@ -832,6 +834,30 @@ class SearchCache:
 search_cache = SearchCache(CONFIG["SEARCH_CACHE_SECONDS"])
 
 
+def search_params(q, language, page, prefix):
+    """Return the parameters of queries/search_pages.sql for one page of a search."""
+    locate = (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower()  # the first word
+    return {
+        "q": q,
+        "config": LANGUAGES[language],
+        "language": language,
+        "prefix": prefix,
+        # Below 3 characters a trigram index cannot help; prefixes cover it.
+        "title_pattern": like_pattern(q) if len(q) >= 3 else None,
+        "limit": PAGE_SIZE,
+        "offset": (page - 1) * PAGE_SIZE,
+        "cap": SEARCH_CAP,
+        # Where the snippet starts: the first word of the query at the start
+        # of a word, in lower case, capitalised or in capitals (Python knows
+        # the case rules of every language; the database may use the C locale).
+        "locate_words": [f" {locate}", f" {locate.capitalize()}", f" {locate.upper()}"],
+        "snippet_chars": SNIPPET_CHARS,
+        "snippet_lead": SNIPPET_LEAD,
+        "start_sel": START_SEL,
+        "stop_sel": STOP_SEL,
+    }
+
+
 def search(q, language, page):
     """Return (results, total, capped) for one page of a search."""
     prefix, positive = prefix_query(q)
@@ -842,22 +868,7 @@ def search(q, language, page):
     cached = search_cache.get(key)
     if cached is not None:
         return cached
-    params = {
-        "q": q,
-        "config": LANGUAGES[language],
-        "language": language,
-        "prefix": prefix,
-        # Below 3 characters a trigram index cannot help; prefixes cover it.
-        "title_pattern": like_pattern(q) if len(q) >= 3 else None,
-        "limit": PAGE_SIZE,
-        "offset": (page - 1) * PAGE_SIZE,
-        "cap": SEARCH_CAP,
-        # Where the snippet starts: the first word of the query, as typed.
-        "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower(),
-        "snippet_chars": SNIPPET_CHARS,
-        "start_sel": START_SEL,
-        "stop_sel": STOP_SEL,
-    }
+    params = search_params(q, language, page, prefix)
     with get_pool().connection() as conn:
         rows = conn.execute(sql("search_pages"), params).fetchall()
     result = rows, (rows[0]["total"] if rows else 0), bool(rows and rows[0]["capped"])

@@ -361,6 +361,12 @@ def main(argv=None):
         parser.error("--jobs must be at least 1")
     if args.requests < 60:
         parser.error("R must be at least 60, so that every query kind repeats")
+    for path in (args.out, args.queries):
+        if path:
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                parser.error(f"cannot create the folder for {path}: {exc.strerror}")
     started = time.perf_counter()
     write_pages(args.out, args.pages, args.seed, args.jobs)
     summary = f"wrote {args.pages:,} pages ({Path(args.out).stat().st_size:,} bytes) to {args.out}"

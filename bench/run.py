@@ -230,39 +230,31 @@ def wrk(port, paths, connections, duration, accept="*/*"):
 # pgbench ######################################################################
 
 
+# The parameters of queries/search_pages.sql that vary with the query; the
+# rest are the same for every first page and go into the script as constants.
+VARYING = ("language", "config", "q", "prefix", "title_pattern", "locate_words")
+
+
+def first_page_params(q, language):
+    """The parameters the app binds for the first page of this search."""
+    prefix, _ = app.prefix_query(q)
+    return app.search_params(q, language, 1, prefix)
+
+
 def load_mix_table(url, mix):
     """Store each query of the mix with the exact parameters the app would bind."""
     with psycopg.connect(url) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_queries")
         conn.execute(
             "CREATE TABLE bench_queries (id int PRIMARY KEY, language text, config text, q text, "
-            "prefix text, title_pattern text, locate text)"
+            "prefix text, title_pattern text, locate_words text[])"
         )
         with conn.cursor() as cur, cur.copy("COPY bench_queries FROM STDIN") as copy:
             for n, (language, q) in enumerate(mix, start=1):
-                params = search_params(q, language)
+                params = first_page_params(q, language)
                 # pgbench variables cannot be NULL: '' stands for "no title pattern".
-                copy.write_row(
-                    (
-                        n,
-                        language,
-                        params["config"],
-                        q,
-                        params["prefix"],
-                        params["title_pattern"] or "",
-                        params["locate"],
-                    )
-                )
-
-
-def search_params(q, language):
-    prefix, _ = app.prefix_query(q)
-    return {
-        "config": app.LANGUAGES[language],
-        "prefix": prefix,
-        "title_pattern": app.like_pattern(q) if len(q) >= 3 else None,
-        "locate": (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower(),
-    }
+                params["title_pattern"] = params["title_pattern"] or ""
+                copy.write_row((n, *(params[name] for name in VARYING)))
 
 
 def our_sql_for_pgbench():
@@ -270,22 +262,21 @@ def our_sql_for_pgbench():
     text = app.sql("search_pages")
     text = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
     text = text.replace("%(title_pattern)s", "NULLIF(:title_pattern, '')")
-    constants = {"limit": app.PAGE_SIZE, "offset": 0, "cap": app.SEARCH_CAP, "snippet_chars": app.SNIPPET_CHARS}
+    constants = first_page_params("x", "en")
     for name, value in constants.items():
-        text = text.replace(f"%({name})s", str(value))
-    text = text.replace("%(start_sel)s", "chr(57344)").replace("%(stop_sel)s", "chr(57345)")
+        if name in VARYING:
+            continue
+        literal = str(value) if isinstance(value, int) else f"chr({ord(value)})"  # numbers, or the markers
+        text = text.replace(f"%({name})s", literal)
     return re.sub(r"%\((\w+)\)s", r":\1", text).strip() + ";\n"
 
 
 def pgbench(url, body, count, clients, duration, fixed=None):
     """Run a pgbench script that picks a random query of the mix (or a fixed one)."""
     pick = f"\\set i {fixed}\n" if fixed else f"\\set i random(1, {count})\n"
-    script = (
-        # Our own constant SQL; pgbench binds the values.
-        pick  # nosec B608
-        + "SELECT language, config, q, prefix, title_pattern, locate FROM bench_queries "
-        "WHERE id = :i \\gset\n" + body
-    )
+    # Our own SQL, with column names from the constant VARYING; pgbench binds the values.
+    columns = ", ".join(VARYING)
+    script = pick + f"SELECT {columns} FROM bench_queries WHERE id = :i \\gset\n" + body  # nosec B608
     binary = shutil.which("pgbench") or embedded_binary("pgbench")
     with tempfile.TemporaryDirectory() as folder:
         script_file = Path(folder) / "script.sql"
