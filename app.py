@@ -6,6 +6,7 @@ routes, error handlers, import, command line. Run `python app.py --help`.
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -18,6 +19,7 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import sqlite3
 import sys
@@ -343,12 +345,30 @@ class FailFastPool(ConnectionPool):
         return conn
 
 
+def check_idle_connection(conn):
+    """Check a pooled connection before it is handed out; raise if it is dead.
+
+    An idle connection has nothing to read. Data or end-of-file there means
+    the server spoke while it sat in the pool: a restart sends AdminShutdown
+    and closes it. Only then does the check cost a round trip (psycopg_pool's
+    check_connection, which raises on a dead connection, so the pool replaces
+    it); the usual case costs one poll() and no round trip.
+    """
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
+        ConnectionPool.check_connection(conn)
+
+
 def make_pool(url):
     """Return an open pool; it connects in the background and survives outages."""
     # check= validates a connection before handing it out, so the first request
     # after a database restart does not get a dead one; timeout= turns an outage
     # into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
     # the pool for good if the database is down.
+    # Connections autocommit: a search is one statement, and BEGIN/COMMIT
+    # around it were two more round trips. Work that must be atomic runs in
+    # transaction().
     # reconnect_timeout: psycopg_pool doubles its wait between attempts while
     # the database is down; giving up after 5 s lets the next request start
     # again from a short wait, so a long outage does not mean a slow recovery.
@@ -359,8 +379,8 @@ def make_pool(url):
         max_size=POOL_MAX_SIZE,
         timeout=POOL_TIMEOUT,
         max_waiting=POOL_MAX_SIZE * 8,
-        check=ConnectionPool.check_connection,
-        kwargs={"row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
+        check=check_idle_connection,
+        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
         name="whoknows",
         open=True,
     )
@@ -375,6 +395,14 @@ def get_pool():
                 _pool = make_pool(database_url())
                 threading.Thread(target=warn_if_schema_behind, daemon=True).start()
     return _pool
+
+
+@contextlib.contextmanager
+def transaction():
+    """Yield a pooled connection inside one transaction, committed at the end
+    (rolled back on an exception). Pool connections autocommit otherwise."""
+    with get_pool().connection() as conn, conn.transaction():
+        yield conn
 
 
 def close_pool():
@@ -1616,7 +1644,7 @@ def api_login():
         problem = ("username", "Invalid username") if user is None else ("password", "Invalid password")
     elif not check_password(user["password_hash"], password):
         problem = ("password", "Invalid password")
-    with get_pool().connection() as conn:
+    with transaction() as conn:
         if problem:
             conn.execute(sql("record_login_failure"), limits)
         else:
@@ -1672,7 +1700,7 @@ def api_change_password():
     if not check_password(stored["password_hash"], old_password):
         return form_failure("old_password", "Your current password is wrong", "change_password.html", **context)
     new_hash = hash_password(password)
-    with get_pool().connection() as conn:
+    with transaction() as conn:
         changed = conn.execute(
             sql("update_password"), {"user_id": user["id"], "new_hash": new_hash, "old_hash": stored["password_hash"]}
         ).fetchone()
@@ -1919,7 +1947,7 @@ def import_file(path, out=sys.stderr):
     with open(path, "rb") as head:
         is_sqlite = head.read(16) == b"SQLite format 3\x00"
     summary = {}
-    with get_pool().connection() as conn:
+    with transaction() as conn:
         if is_sqlite:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
@@ -1942,7 +1970,7 @@ def import_file(path, out=sys.stderr):
 
 def load_sample_pages():
     """Load the sample pages into an empty pages table; return True if loaded."""
-    with get_pool().connection() as conn:
+    with transaction() as conn:
         if conn.execute(sql("has_pages")).fetchone()["exists"]:
             return False
         import_pages(conn, read_jsonl(SAMPLE_PAGES), sys.stderr)
