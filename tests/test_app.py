@@ -96,6 +96,35 @@ def test_503_while_the_database_is_down_then_recovery(client, add_page, proxy):
     assert response.status_int == 200 and response.json["total"] == 1
 
 
+def test_connections_the_server_closed_while_idle_are_replaced_before_use(client, add_page, db):
+    add_page("Terminated", "the pool replaces closed connections")
+    assert client.get("/api/search", {"q": "terminated"}).json["total"] == 1
+    # As in a database restart: every idle pool connection gets FATAL and EOF.
+    # The timeout argument waits until each backend has exited.
+    killed = db.execute(
+        "WITH pool AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE application_name = 'whoknows' "
+        "AND datname = current_database() AND pid <> pg_backend_pid()) "
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) AS n FROM pool"
+    ).fetchone()["n"]
+    assert killed >= 1
+    # The next requests (not cached) get fresh connections, not AdminShutdown.
+    for n in range(3):
+        assert client.get("/api/search", {"q": f"terminated -x{n}"}).json["total"] == 1
+
+
+def test_a_healthy_idle_connection_is_checked_without_a_round_trip(client, add_page, monkeypatch):
+    add_page("Quiet", "nothing to read on an idle connection")
+    client.get("/api/search", {"q": "quiet"})
+    round_trips = []
+    real_check = whoknows.ConnectionPool.check_connection
+    monkeypatch.setattr(
+        whoknows.ConnectionPool, "check_connection", staticmethod(lambda conn: round_trips.append(real_check(conn)))
+    )
+    for n in range(3):
+        assert client.get("/api/search", {"q": f"quiet -x{n}"}).json["total"] == 1
+    assert round_trips == []
+
+
 def test_real_waitress_server_over_http(add_page):
     add_page("Waitress", "served over real HTTP")
     server = waitress.create_server(whoknows.app, host="127.0.0.1", port=0, threads=4)
