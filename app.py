@@ -1844,25 +1844,43 @@ def read_legacy_pages(db):
 
 
 class Progress:
-    """Prints a live row count on a terminal; silent otherwise."""
+    """Shows progress: a live row count on a terminal; elsewhere (a log, docker
+    compose run without -t) a line every LOG_SECONDS, so only long runs print."""
+
+    LOG_SECONDS = 10
 
     def __init__(self, stream, label):
         self.stream, self.label = stream, label
         self.live = stream.isatty()
         self.started = self.last = time.monotonic()
+        self.logged = False  # a line went to a non-terminal: this run is long
+
+    @property
+    def shown(self):
+        """True when the reader is following along (a terminal or a long run)."""
+        return self.live or self.logged
 
     def update(self, count, force=False):
         now = time.monotonic()
-        if self.live and (force or now - self.last >= 0.5):
+        if force or now - self.last >= (0.5 if self.live else self.LOG_SECONDS):
             rate = count / max(now - self.started, 1e-6)
-            self.stream.write(f"\r{self.label}: {count:,} rows ({rate:,.0f} rows/s)")
+            start, end = ("\r", "") if self.live else ("", "\n")
+            self.stream.write(f"{start}{self.label}: {count:,} rows ({rate:,.0f} rows/s){end}")
             self.stream.flush()
+            self.logged = self.logged or not self.live
             self.last = now
 
     def done(self, count):
-        if self.live:
+        if self.shown:
             self.update(count, force=True)
-            self.stream.write("\n")
+            if self.live:
+                self.stream.write("\n")
+
+    def note(self, message):
+        """Print a step of a long run (merging, rebuilding indexes)."""
+        if self.shown:
+            self.stream.write(message + "\n")
+            self.stream.flush()
 
 
 def import_pages(conn, records, out):
@@ -1892,8 +1910,7 @@ def import_pages(conn, records, out):
         removed += 1
         print(f"skipped line {row['lineno']}: title {row['title']!r} already belongs to another url", file=out)
     counts["skipped"] += removed
-    if progress.live:
-        out.write("merging into pages...\n")
+    progress.note("merging into pages...")
     indexes = []
     if seen - removed >= BULK_IMPORT_ROWS and seen - removed > conn.execute(sql("count_pages")).fetchone()["n"]:
         # A bulk load: rebuild the GIN indexes in one pass afterwards instead of
@@ -1905,8 +1922,7 @@ def import_pages(conn, records, out):
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
     if indexes:
-        if progress.live:
-            out.write("rebuilding the search indexes...\n")
+        progress.note("rebuilding the search indexes...")
         conn.execute(sql("set_index_build_memory"), {"memory": "512MB"})
         for index in indexes:
             conn.execute(index["definition"])  # from the catalog, not from input

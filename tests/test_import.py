@@ -204,3 +204,16 @@ def test_bulk_import_rebuilds_the_search_indexes(tmp_path, db, client, monkeypat
     assert summary["pages"]["inserted"] == 3
     assert definitions() == before
     assert client.get("/api/search", {"q": "bulky"}).json["data"][0]["title"] == "Title 3"
+
+
+def test_a_long_import_shows_its_progress_in_a_log(tmp_path, db, monkeypatch):
+    source = write_jsonl(tmp_path / "pages.jsonl", [page(n) for n in range(1, 4)])
+    _, quick = import_quietly(source)
+    assert "rows (" not in quick and "merging" not in quick  # a short run into a log stays quiet
+    monkeypatch.setattr(whoknows.Progress, "LOG_SECONDS", 0)  # every row counts as "a while later"
+    monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
+    db.execute("TRUNCATE pages")
+    _, slow = import_quietly(source)
+    lines = slow.splitlines()
+    assert "\r" not in slow and "reading pages: 1 rows (" in lines[0] and "reading pages: 3 rows (" in slow
+    assert "merging into pages..." in lines and "rebuilding the search indexes..." in lines
