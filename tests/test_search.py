@@ -2,6 +2,8 @@
 
 import pytest
 
+import app as whoknows
+
 
 def titles(response):
     return [item["title"] for item in response.json["data"]]
@@ -94,6 +96,19 @@ def test_paging(client, add_page):
     assert "25 results" in html.text
 
 
+def test_total_counts_each_page_once_and_capped_means_there_are_more(client, add_page, monkeypatch):
+    monkeypatch.setattr(whoknows, "SEARCH_CAP", 5)
+    # Each of these pages matches in every tier: title, page, prefix and title text.
+    for n in range(5):
+        add_page(f"Walrus {n}", "walrus facts")
+    exact = client.get("/api/search", {"q": "walrus"}).json
+    assert exact["total"] == 5 and exact["total_is_capped"] is False
+    assert sorted(i["title"] for i in exact["data"]) == [f"Walrus {n}" for n in range(5)]
+    add_page("Seals", "a walrus nearby")  # a sixth page, a match in its text only
+    more = client.get("/api/search", {"q": "walruses"}).json
+    assert more["total"] == 5 and more["total_is_capped"] is True
+
+
 @pytest.mark.parametrize(
     "q",
     [
@@ -142,7 +157,7 @@ def test_percent_and_underscore_are_literal_in_title_search(client, add_page):
         ({}, "q is required"),
         ({"q": "   "}, "q is required"),
         ({"q": "x", "language": "de"}, "language must be 'en' or 'da'"),
-        ({"q": "x", "page": "0"}, "page must be a whole number from 1 to 20"),
+        ({"q": "x", "page": "0"}, "page must be a whole number from 1 to 10"),
         ({"q": "x", "page": "-1"}, "page must be a whole number"),
         ({"q": "x", "page": "abc"}, "page must be a whole number"),
         ({"q": "x", "page": "21"}, "page must be a whole number"),

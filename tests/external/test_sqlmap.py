@@ -12,7 +12,7 @@ injectable; a test that could pass by testing nothing would prove nothing.
 
 What reaches SQL, and so what these runs exercise:
 - GET /api/search and GET /: `q` goes (whitespace-collapsed) into the search
-  query; `language` and `page` are checked against a whitelist (en/da, 1-20)
+  query; `language` and `page` are checked against a whitelist (en/da, 1-10)
   before any SQL, so their payloads get 422s (still tested: the check is the
   defence).
 - POST /api/login: `username` goes into the lockout check (get_login_lock),
