@@ -353,6 +353,21 @@ def table(rows):
     return "\n".join(lines)
 
 
+def load_run(url, port, paths, conns, duration, samplers, accept="*/*", **env):
+    """One wrk run against a server started for it, so that every run begins
+    with an empty result cache and none is served from an earlier one's; the
+    server's RSS sampler is added to samplers."""
+    server = serve(url, port, **env)
+    samplers.append(RssSampler(server.pid))
+    samplers[-1].start()
+    try:
+        return wrk(port, paths, conns, duration, accept=accept)
+    finally:
+        samplers[-1].running = False
+        server.terminate()
+        server.wait(30)
+
+
 def search_log_ab(url, port, mix, args):
     """Print /api/search throughput with the search log off and on, alternating
     so that drift over the run (autovacuum, caches) hits both alike."""
@@ -361,10 +376,8 @@ def search_log_ab(url, port, mix, args):
     figures = {"false": [], "true": []}
     for _ in range(args.search_log_ab):
         for setting in ("false", "true"):
-            server = serve(url, port, SEARCH_LOG=setting)
-            figures[setting].append(wrk(port, paths, conns, args.duration, accept="application/json")["rps"])
-            server.terminate()
-            server.wait(30)
+            run = load_run(url, port, paths, conns, args.duration, [], "application/json", SEARCH_LOG=setting)
+            figures[setting].append(run["rps"])
     for setting, rps in figures.items():
         print(
             f"SEARCH_LOG={setting}: "
@@ -408,18 +421,20 @@ def main():
         if args.search_log_ab:
             search_log_ab(url, port, mix, args)
             return
-        server = serve(url, port)
-        rss = RssSampler(server.pid)
-        rss.start()
+        samplers = []
+
+        def load(paths, conns, accept="*/*", **env):
+            return load_run(url, port, paths, conns, args.duration, samplers, accept, **env)
+
         api_paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
         page_paths = ["/?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
         results = []
         our_sql = our_sql_for_pgbench()
         for conns in connections:
             log(f"{conns} connections: trivial route, /api/search, /, our SQL, naive SQL")
-            trivial = wrk(port, ["/about"], conns, args.duration)
-            api = wrk(port, api_paths, conns, args.duration, accept="application/json")
-            page = wrk(port, page_paths, conns, args.duration)
+            trivial = load(["/about"], conns)
+            api = load(api_paths, conns, accept="application/json")
+            page = load(page_paths, conns)
             ours = pgbench(url, our_sql, len(mix), conns, args.duration)
             naive = pgbench(url, NAIVE_SQL, len(mix), conns, args.duration)
             for name, figures in (
@@ -440,13 +455,9 @@ def main():
                         "naive": ratio(figures["rps"], naive["rps"]) if is_search else "",
                     }
                 )
-        rss.running = False
-        server.terminate()
-        server.wait(30)
         log("the search log's cost: /api/search with it off, then on again, 8 connections")
         for setting in ("false", "true"):
-            server = serve(url, port, SEARCH_LOG=setting)
-            figures = wrk(port, api_paths, connections[0], args.duration, accept="application/json")
+            figures = load(api_paths, connections[0], accept="application/json", SEARCH_LOG=setting)
             results.append(
                 {
                     "run": f"/api/search, SEARCH_LOG={setting}",
@@ -457,8 +468,6 @@ def main():
                     "naive": "",
                 }
             )
-            server.terminate()
-            server.wait(30)
         log("per-kind cost of our search SQL (1 connection, no cache)")
         kind_rows = []
         ids = {}
@@ -469,6 +478,7 @@ def main():
     finally:
         stop_server()
 
+    rss = [sample for sampler in samplers for sample in sampler.samples]
     rare = next(r for r in kind_rows if r[0] == "rare")[3]
     common = next(r for r in kind_rows if r[0] == "common")[3]
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
@@ -490,8 +500,8 @@ def main():
         f"- common word ÷ rare word (first page, our SQL, p50): {common / rare:.2f}",
         f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
         f"- import: {load['pages']:,} pages in {load['seconds']} s = {load['pages_per_s']:,} pages/s",
-        f"- server RSS: max {max(rss.samples):.0f} MB, last {rss.samples[-1]:.0f} MB "
-        f"(median {statistics.median(rss.samples):.0f} MB)",
+        f"- server RSS (each load run has its own server, started with an empty result cache): "
+        f"max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB",
         "",
         "| relation | size |",
         "|---|---|",
