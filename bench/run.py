@@ -423,7 +423,7 @@ def main():
             return
         samplers = []
 
-        def load(paths, conns, accept="*/*", **env):
+        def measure(paths, conns, accept="*/*", **env):
             return load_run(url, port, paths, conns, args.duration, samplers, accept, **env)
 
         api_paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in mix]
@@ -432,9 +432,9 @@ def main():
         our_sql = our_sql_for_pgbench()
         for conns in connections:
             log(f"{conns} connections: trivial route, /api/search, /, our SQL, naive SQL")
-            trivial = load(["/about"], conns)
-            api = load(api_paths, conns, accept="application/json")
-            page = load(page_paths, conns)
+            trivial = measure(["/about"], conns)
+            api = measure(api_paths, conns, accept="application/json")
+            page = measure(page_paths, conns)
             ours = pgbench(url, our_sql, len(mix), conns, args.duration)
             naive = pgbench(url, NAIVE_SQL, len(mix), conns, args.duration)
             for name, figures in (
@@ -457,7 +457,7 @@ def main():
                 )
         log("the search log's cost: /api/search with it off, then on again, 8 connections")
         for setting in ("false", "true"):
-            figures = load(api_paths, connections[0], accept="application/json", SEARCH_LOG=setting)
+            figures = measure(api_paths, connections[0], accept="application/json", SEARCH_LOG=setting)
             results.append(
                 {
                     "run": f"/api/search, SEARCH_LOG={setting}",
