@@ -760,8 +760,8 @@ PAGE_SIZE = 10
 # A search collects at most SEARCH_CAP matches (title matches first) and ranks
 # only those, so a common word costs about what a rare one does; the count
 # shows "100+" beyond that, and paging stops at the cap (page 10). Ranking
-# reads each candidate's page vector, mostly from TOAST: 100 rather than 200
-# candidates cut the mean search at 1M pages from 3.8 to 2.6 ms.
+# reads each candidate's page vector from TOAST, so the cap bounds the work
+# (bench/README.md has the figures for 100 against 200).
 SEARCH_CAP = 100
 MAX_PAGE = SEARCH_CAP // PAGE_SIZE
 # ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
