@@ -333,6 +333,30 @@ class FailFastPool(ConnectionPool):
     FAIL_FAST_SECONDS = 0.5
     failing = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, check=self.check_idle, **kwargs)
+
+    def check_idle(self, conn):
+        """Check a pooled connection before it is handed out; raise if it is dead.
+
+        An idle connection has nothing to read. Data or end-of-file there means
+        the server spoke while it sat in the pool: a restart sends AdminShutdown
+        and closes it. Only then does the check cost a round trip (psycopg_pool's
+        check_connection); the usual case costs one poll() and no round trip.
+        A dead one most likely means a restart killed every idle connection:
+        they are all checked at once (pool.check(), which replaces the dead),
+        because psycopg_pool backs off 1 s, 2 s, 4 s ... after each failed
+        check, and three dead connections in a row would outlast the timeout.
+        """
+        try:
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            if poller.poll(0):
+                ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self.check()
+            raise
+
     def getconn(self, timeout=None):
         if timeout is None and self.failing:
             timeout = self.FAIL_FAST_SECONDS
@@ -345,26 +369,11 @@ class FailFastPool(ConnectionPool):
         return conn
 
 
-def check_idle_connection(conn):
-    """Check a pooled connection before it is handed out; raise if it is dead.
-
-    An idle connection has nothing to read. Data or end-of-file there means
-    the server spoke while it sat in the pool: a restart sends AdminShutdown
-    and closes it. Only then does the check cost a round trip (psycopg_pool's
-    check_connection, which raises on a dead connection, so the pool replaces
-    it); the usual case costs one poll() and no round trip.
-    """
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    if poller.poll(0):
-        ConnectionPool.check_connection(conn)
-
-
 def make_pool(url):
     """Return an open pool; it connects in the background and survives outages."""
-    # check= validates a connection before handing it out, so the first request
-    # after a database restart does not get a dead one; timeout= turns an outage
-    # into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
+    # FailFastPool checks a connection before handing it out (check_idle), so
+    # the first request after a database restart does not get a dead one;
+    # timeout= turns an outage into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
     # the pool for good if the database is down.
     # Connections autocommit: a search is one statement, and BEGIN/COMMIT
     # around it were two more round trips. Work that must be atomic runs in
@@ -379,7 +388,6 @@ def make_pool(url):
         max_size=POOL_MAX_SIZE,
         timeout=POOL_TIMEOUT,
         max_waiting=POOL_MAX_SIZE * 8,
-        check=check_idle_connection,
         kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
         name="whoknows",
         open=True,
