@@ -323,8 +323,9 @@ def pool_url():
 
 
 class FailFastPool(ConnectionPool):
-    """A pool that, once a wait for a connection has timed out, makes the next
-    requests wait only FAIL_FAST_SECONDS until a connection comes back.
+    """A pool that checks a connection cheaply before handing it out
+    (check_idle) and, once a wait for a connection has timed out, makes the
+    next requests wait only FAIL_FAST_SECONDS until a connection comes back.
 
     Without it, every worker thread waits the full timeout during an outage and
     the requests queued behind them wait several timeouts for their 503.
