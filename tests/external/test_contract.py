@@ -252,10 +252,9 @@ def register(base, username, password):
 LOGGED_IN_EXCLUDE = ["/api/logout"]
 
 
-def test_own_document_logged_in(running_app, tmp_path):
-    """A logged-in user: /login and /register redirect, password changes get checked."""
-    username, password = f"contract-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
-    register(running_app.base, username, password)
+def fuzz_own_document_as(running_app, tmp_path, username, password, accept, max_examples):
+    """Log in, fuzz our own document with that session (logout excluded), assert
+    a clean run, and return the app's request log for the run."""
     cookie = log_in(running_app.base, username, password)
     seen = len(running_app.output())
     code, output = run_schemathesis(
@@ -263,14 +262,22 @@ def test_own_document_logged_in(running_app, tmp_path):
         running_app.base,
         tmp_path,
         checks=OWN_CHECKS,
-        headers=["Accept: application/json", f"Cookie: {cookie}"],
+        headers=[f"Accept: {accept}", f"Cookie: {cookie}"],
         exclude=LOGGED_IN_EXCLUDE,
-        max_examples=25,
+        max_examples=max_examples,
         extra_config=WEATHER_OFFLINE,
     )
     assert_clean(code, output, own_operations(exclude=LOGGED_IN_EXCLUDE))
+    return running_app.output()[seen:]
+
+
+def test_own_document_logged_in(running_app, tmp_path):
+    """A logged-in user: /login and /register redirect, password changes get checked."""
+    username, password = f"contract-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+    register(running_app.base, username, password)
+    output = fuzz_own_document_as(running_app, tmp_path, username, password, "application/json", max_examples=25)
     # The session held for the whole run (the request log shows the redirect).
-    assert " GET /login 303 " in running_app.output()[seen:]
+    assert " GET /login 303 " in output
 
 
 @pytest.mark.parametrize("accept", ["application/json", "text/html"])
@@ -283,21 +290,8 @@ def test_own_document_legacy_account(running_app, app_database, tmp_path, accept
             "INSERT INTO users (username, email, password_hash) VALUES (%s, %s, %s)",
             (username, f"{username}@example.org", "md5$" + hashlib.md5(password.encode()).hexdigest()),
         )
-    cookie = log_in(running_app.base, username, password)
-    seen = len(running_app.output())
-    code, output = run_schemathesis(
-        OWN_DOCUMENT,
-        running_app.base,
-        tmp_path,
-        checks=OWN_CHECKS,
-        headers=[f"Accept: {accept}", f"Cookie: {cookie}"],
-        exclude=LOGGED_IN_EXCLUDE,
-        max_examples=15,
-        extra_config=WEATHER_OFFLINE,
-    )
-    assert_clean(code, output, own_operations(exclude=LOGGED_IN_EXCLUDE))
+    held = fuzz_own_document_as(running_app, tmp_path, username, password, accept, max_examples=15)
     # The account was held at the password change for the whole run.
-    held = running_app.output()[seen:]
     assert f" GET /about {403 if accept == 'application/json' else 303} " in held
     assert " GET /about 200 " not in held
 
