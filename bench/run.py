@@ -6,7 +6,7 @@
 2. loads them with `python app.py import` into a fresh database on a private
    PostgreSQL 18 (the embedded server, with database/postgresql.conf), or on
    BENCH_DATABASE_URL if set;
-3. serves the app with the Dockerfile's waitress-serve command;
+3. serves the app with the Dockerfile's command (python app.py serve);
 4. drives /api/search and / with wrk at each connection count, and measures
    the references in the same run: the trivial route /about (the HTTP limit),
    our search SQL with pgbench (the database limit), and the naive full-text
@@ -158,9 +158,8 @@ def dockerfile_cmd():
 
 
 def serve(url, port, **extra_env):
-    command = [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}") for a in dockerfile_cmd()]
-    command[0] = str(Path(PYTHON).parent / command[0])
-    env = {**os.environ, "DATABASE_URL": url, **extra_env}
+    command = [PYTHON if arg == "python" else arg for arg in dockerfile_cmd()]
+    env = {**os.environ, "DATABASE_URL": url, "HOST": "127.0.0.1", "PORT": str(port), **extra_env}
     # Its output goes to a file: an unread pipe fills up and blocks the server.
     server_log = open(BENCH / "data" / "server.log", "w")  # noqa: SIM115 (the server holds it open)
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)

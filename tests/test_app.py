@@ -76,13 +76,13 @@ def test_healthz_reports_a_schema_behind(client, db):
         )
 
 
-def test_503_while_the_database_is_down_then_recovery(client, add_page, proxy):
+def test_503_while_the_database_is_down_then_recovery(client, app, add_page, proxy):
     add_page("Outage", "survives the outage")
     assert client.get("/api/search", {"q": "outage"}).json["total"] == 1
     proxy.stop()
     started = time.monotonic()
     down = client.get("/api/search", {"q": "outage -cached"}, status=503)
-    assert time.monotonic() - started < whoknows.POOL_TIMEOUT + 3
+    assert time.monotonic() - started < app.settings.pool_timeout + 3
     assert down.json["statusCode"] == 503 and "database is unavailable" in down.json["message"]
     assert "database is unavailable" in client.get("/", {"q": "outage -cached2"}, status=503).text
     assert client.get("/healthz", status=503).json == {"status": "database unavailable"}
@@ -96,10 +96,10 @@ def test_503_while_the_database_is_down_then_recovery(client, add_page, proxy):
     assert response.status_int == 200 and response.json["total"] == 1
 
 
-def test_connections_the_server_closed_while_idle_are_replaced_before_use(client, add_page, db):
+def test_connections_the_server_closed_while_idle_are_replaced_before_use(client, app, add_page, db):
     add_page("Terminated", "the pool replaces closed connections")
     assert client.get("/api/search", {"q": "terminated"}).json["total"] == 1
-    pool = whoknows.get_pool()
+    pool = app.db.pool()
     held = [pool.getconn() for _ in range(5)]  # at least five idle connections
     for conn in held:
         pool.putconn(conn)
@@ -130,9 +130,9 @@ def test_a_healthy_idle_connection_is_checked_without_a_round_trip(client, add_p
     assert round_trips == []
 
 
-def test_real_waitress_server_over_http(add_page):
+def test_real_waitress_server_over_http(app, add_page):
     add_page("Waitress", "served over real HTTP")
-    server = waitress.create_server(whoknows.app, host="127.0.0.1", port=0, threads=4)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -165,7 +165,6 @@ def run_app(*args, env=None):
         ({"PORT": "eighty"}, "PORT must be a whole number"),
         ({"PORT": "70000"}, "PORT must be between 1 and 65535"),
         ({"SECRET_KEY": "short"}, "SECRET_KEY must be at least 32 characters"),
-        ({"SECRET_KEY": None}, "SECRET_KEY is required when a database is configured"),
         ({"SECRET_KEY": "change-me-to-the-output-of-openssl-rand-hex-32"}, "SECRET_KEY is still the placeholder"),
         (
             {"DATABASE_URL": None, "POSTGRES_USER": "w", "POSTGRES_PASSWORD": "change-me-too"},
@@ -186,8 +185,17 @@ def test_bad_configuration_gives_one_clear_line(env, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
 
 
+def test_serving_needs_a_secret_key_but_read_only_commands_do_not(database_url):
+    serve = run_app("serve", env={"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere", "SECRET_KEY": None})
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr
+    assert "SECRET_KEY is required when a database is configured" in serve.stderr
+    report = run_app("searches", env={"DATABASE_URL": database_url, "SECRET_KEY": None})
+    assert report.returncode == 0, report.stderr
+    assert "Top searches" in report.stdout
+
+
 def test_importing_app_starts_no_database():
-    code = "import app, sys; sys.exit(1 if app._pool is not None or app._embedded is not None else 0)"
+    code = "import app, sys; sys.exit(1 if app._embedded_servers else 0)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -196,3 +204,23 @@ def test_importing_app_starts_no_database():
         env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_configuration_table_is_the_settings_declaration():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert whoknows.Settings.markdown_table() in readme
+
+
+def test_dotenv_is_read_as_compose_reads_it(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PORT=9090 # the port\nWEATHER_LOCATION='Aarhus # not a comment'\nTHREADS=4\nSEARCH_LOG=\n")
+    settings = whoknows.Settings.from_env(environ={"THREADS": "6"}, dotenv_path=dotenv)
+    assert settings.port == 9090 and settings.weather_location == "Aarhus # not a comment"
+    assert settings.threads == 6  # the environment wins
+    assert settings.search_log is True  # blank counts as unset
+
+
+def test_apps_built_from_different_settings_do_not_share_them(make_app, session_app):
+    other = make_app(search_cache_seconds=0, login_max_failures=2)
+    assert other.settings.login_max_failures == 2 and session_app.settings.login_max_failures == 5
+    assert other.search_cache is not session_app.search_cache and other.db is not session_app.db

@@ -1,6 +1,7 @@
 """Deployment: the compose file, the images, and every command the containers
 run, executed directly (there is no Docker engine here)."""
 
+import http.client
 import importlib.metadata
 import json
 import os
@@ -21,8 +22,6 @@ import psycopg
 import pytest
 import yaml
 from helpers import dockerfile_instruction, free_port
-
-import app as whoknows
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,7 +59,8 @@ def test_compose_services_are_wired_as_documented(compose):
         for v in database["volumes"]
     )
     assert "pg_isready" in " ".join(database["healthcheck"]["test"])
-    assert migrate["command"] == ["yoyo", "apply", "--batch"]
+    assert migrate["command"] == ["python", "app.py", "migrate"]
+    assert migrate["environment"]["POSTGRES_SERVER"] == "database"
     assert migrate["depends_on"]["database"]["condition"] == "service_healthy"
     assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert app["restart"] == "always"
@@ -95,8 +95,8 @@ def test_app_image_shape():
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0")
     assert "/healthz" in " ".join(dockerfile_instruction("HEALTHCHECK"))
-    cmd = dockerfile_instruction("CMD")
-    assert cmd[0] == "waitress-serve" and cmd[-1] == "app:app" and any(a.startswith("--threads=") for a in cmd)
+    assert dockerfile_instruction("CMD") == ["python", "app.py", "serve"]
+    assert re.search(r"^ENV HOST=0\.0\.0\.0 PORT=8080$", text, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".data", ".venv", "tests"} <= set(ignored)
 
@@ -144,7 +144,7 @@ def check_config_with(tmp_path):
 
 
 def with_port(args, port):
-    return [a.replace("0.0.0.0:8080", f"127.0.0.1:{port}").replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in args]
+    return [a.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in args]
 
 
 def get(url, timeout=10):
@@ -160,25 +160,32 @@ def deployed(compose, make_database):
     """A fresh database migrated by the migrate service's command, and the app
     image's CMD serving on it with the app service's environment."""
     url = make_database()
-    migrate = compose["services"]["migrate"]["command"]
-    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DATABASE_URL": whoknows.yoyo_url(url)}
-    result = subprocess.run(migrate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-
     info = psycopg.conninfo.conninfo_to_dict(url)
-    env = {
-        **compose["services"]["app"]["environment"],
-        "PATH": env["PATH"],
+    # The containers reach the database by service name; here, the test's server.
+    database = {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "POSTGRES_SERVER": info.get("host") or "localhost",
         "POSTGRES_PORT": str(info.get("port") or 5432),
         "POSTGRES_USER": info.get("user") or "postgres",
         "POSTGRES_PASSWORD": info.get("password") or "",
         "POSTGRES_DB": info["dbname"],
+    }
+    migrate = compose["services"]["migrate"]
+    env = {**migrate["environment"], **database}
+    result = subprocess.run(migrate["command"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Applied migrations: 0001.create-users" in result.stdout
+
+    port = free_port()
+    env = {
+        **compose["services"]["app"]["environment"],
+        **database,
         "SECRET_KEY": secrets.token_hex(32),
         "SHUTDOWN_TIMEOUT": "15",
+        "HOST": "127.0.0.1",  # the image's ENV says 0.0.0.0, for the container's network
+        "PORT": str(port),
     }
-    port = free_port()
-    command = with_port(dockerfile_instruction("CMD"), port)
+    command = dockerfile_instruction("CMD")
     process = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -262,6 +269,53 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 0
     assert "requests finished; database pool closed" in output
+
+
+def test_sigterm_answers_the_request_in_flight_whole_and_closes_idle_connections(deployed):
+    """A keep-alive connection that sits idle and one whose request is in flight
+    when SIGTERM arrives: the request gets its whole answer on its own
+    connection, then both connections are closed by the server and it exits."""
+    process, port = deployed["process"], deployed["port"]
+    with psycopg.connect(deployed["url"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pages (title, url, language, content) VALUES ('Flight', 'https://example.org/f', 'en', %s)",
+            ("in flight " * 2000,),
+        )
+    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    idle.request("GET", "/healthz")
+    assert idle.getresponse().read() == b'{"status": "ok"}'  # the connection stays open
+    locker = psycopg.connect(deployed["url"])
+    locker.execute("LOCK TABLE pages IN ACCESS EXCLUSIVE MODE")
+    busy = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    answer = {}
+
+    def ask():
+        busy.request("GET", "/api/search?q=flight", headers={"Accept": "application/json"})
+        response = busy.getresponse()
+        answer.update(status=response.status, body=response.read())
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
+            assert time.monotonic() < deadline, "the search never started waiting"
+            time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert process.poll() is None, "it must not exit with a request in flight"
+    locker.rollback()
+    locker.close()
+    thread.join(20)
+    assert answer["status"] == 200 and json.loads(answer["body"])["data"][0]["title"] == "Flight"
+    for conn in (idle, busy):  # the server closes both: end of file, not a timeout
+        conn.sock.settimeout(10)
+        assert conn.sock.recv(1) == b""
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    assert "requests finished; database pool closed; exiting" in output
 
 
 # Monitoring ####################################################################

@@ -32,23 +32,23 @@ def write_jsonl(path, lines):
     return path
 
 
-def import_quietly(path):
+def import_quietly(path, database):
     out = io.StringIO()
-    return whoknows.import_file(path, out=out), out.getvalue()
+    return whoknows.import_file(database, path, out=out), out.getvalue()
 
 
-def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
+def test_jsonl_import_then_reimport_updates_in_place(app, tmp_path, db):
     source = write_jsonl(
         tmp_path / "pages.jsonl", [page(1), page(2, language="da", content="dansk tekst"), page(3, content="")]
     )  # legacy pages may be empty
-    summary, _ = import_quietly(source)
+    summary, _ = import_quietly(source, app.db)
     assert summary["pages"] == {"inserted": 3, "updated": 0, "unchanged": 0, "skipped": 0}
     row = db.execute("SELECT language, last_updated, content FROM pages WHERE url = 'https://example.org/2'").fetchone()
     assert row["language"] == "da" and row["content"] == "dansk tekst"
     assert row["last_updated"].isoformat() == "2009-01-10T00:00:00+00:00"
 
     write_jsonl(source, [page(1), page(2, content="changed"), page(3, content=""), page(4)])
-    summary, _ = import_quietly(source)
+    summary, _ = import_quietly(source, app.db)
     assert summary["pages"] == {"inserted": 1, "updated": 1, "unchanged": 2, "skipped": 0}
     assert db.execute("SELECT count(*) AS n FROM pages").fetchone()["n"] == 4
     assert (
@@ -56,7 +56,7 @@ def test_jsonl_import_then_reimport_updates_in_place(tmp_path, db):
     )
 
 
-def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
+def test_bad_rows_are_reported_with_line_numbers_and_skipped(app, tmp_path, db):
     source = write_jsonl(
         tmp_path / "pages.jsonl",
         [
@@ -73,7 +73,7 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
             page(11, url="https://example.org/10"),  # same url again: the later line wins
         ],
     )
-    summary, report = import_quietly(source)
+    summary, report = import_quietly(source, app.db)
     assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 9}
     for lineno, reason in [
         (2, "not valid JSON"),
@@ -91,9 +91,9 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, db):
     assert titles == ["Title 1", "Title 11"]
 
 
-def test_title_owned_by_another_url_is_skipped(tmp_path, db):
-    import_quietly(write_jsonl(tmp_path / "a.jsonl", [page(1)]))
-    summary, report = import_quietly(write_jsonl(tmp_path / "b.jsonl", [page(2, title="Title 1")]))
+def test_title_owned_by_another_url_is_skipped(app, tmp_path, db):
+    import_quietly(write_jsonl(tmp_path / "a.jsonl", [page(1)]), app.db)
+    summary, report = import_quietly(write_jsonl(tmp_path / "b.jsonl", [page(2, title="Title 1")]), app.db)
     assert summary["pages"]["skipped"] == 1
     assert "title 'Title 1' already belongs to another url" in report
 
@@ -120,7 +120,7 @@ def make_legacy_db(path, users=(("admin", "admin@example.org", "5f4dcc3b5aa765d6
     return path
 
 
-def test_legacy_sqlite_import_with_users(tmp_path, db, client):
+def test_legacy_sqlite_import_with_users(app, tmp_path, db, client):
     legacy = make_legacy_db(
         tmp_path / "whoknows.db",
         users=[
@@ -128,7 +128,7 @@ def test_legacy_sqlite_import_with_users(tmp_path, db, client):
             ("bad", "bad@example.org", "not-a-hash"),
         ],
     )
-    summary, report = import_quietly(legacy)
+    summary, report = import_quietly(legacy, app.db)
     assert summary["pages"] == {"inserted": 2, "updated": 0, "unchanged": 0, "skipped": 1}
     assert summary["users"] == {"inserted": 1, "existing": 0, "skipped": 1}
     assert "skipped line 3: url must be an http(s) URL" in report
@@ -141,17 +141,17 @@ def test_legacy_sqlite_import_with_users(tmp_path, db, client):
     }
     assert client.get("/api/search", {"q": "fortran"}).json["data"][0]["title"] == "Fortran"
 
-    summary, _ = import_quietly(legacy)
+    summary, _ = import_quietly(legacy, app.db)
     assert summary["pages"] == {"inserted": 0, "updated": 0, "unchanged": 2, "skipped": 1}
     assert summary["users"] == {"inserted": 0, "existing": 1, "skipped": 1}
     assert db.execute("SELECT count(*) AS n FROM users").fetchone()["n"] == 1
 
 
-def test_reimport_never_resets_an_upgraded_password(tmp_path, db):
+def test_reimport_never_resets_an_upgraded_password(app, tmp_path, db):
     legacy = make_legacy_db(tmp_path / "whoknows.db")
-    import_quietly(legacy)
+    import_quietly(legacy, app.db)
     db.execute("UPDATE users SET password_hash = 'scrypt$upgraded' WHERE username = 'admin'")
-    import_quietly(legacy)
+    import_quietly(legacy, app.db)
     assert db.execute("SELECT password_hash FROM users").fetchone()["password_hash"] == "scrypt$upgraded"
 
 
@@ -179,16 +179,16 @@ def test_import_command_line(tmp_path, database_url):
     assert "Traceback" not in missing.stderr
 
 
-def test_sample_pages_load_only_into_an_empty_table(db, client):
-    assert whoknows.load_sample_pages() is True
+def test_sample_pages_load_only_into_an_empty_table(app, db, client):
+    assert whoknows.load_sample_pages(app.db) is True
     count = db.execute("SELECT count(*) AS n, count(DISTINCT language) AS langs FROM pages").fetchone()
     assert count["n"] >= 30 and count["langs"] == 2
-    assert whoknows.load_sample_pages() is False
+    assert whoknows.load_sample_pages(app.db) is False
     assert client.get("/api/search", {"q": "fortran"}).json["total"] >= 1
     assert client.get("/api/search", {"q": "søgemaskine", "language": "da"}).json["total"] >= 1
 
 
-def test_bulk_import_rebuilds_the_search_indexes(tmp_path, db, client, monkeypatch):
+def test_bulk_import_rebuilds_the_search_indexes(app, tmp_path, db, client, monkeypatch):
     def definitions():
         return sorted(
             r["indexdef"]
@@ -200,20 +200,22 @@ def test_bulk_import_rebuilds_the_search_indexes(tmp_path, db, client, monkeypat
     before = definitions()
     assert len(before) == 3
     monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
-    summary, _ = import_quietly(write_jsonl(tmp_path / "bulk.jsonl", [page(1), page(2), page(3, content="bulky")]))
+    summary, _ = import_quietly(
+        write_jsonl(tmp_path / "bulk.jsonl", [page(1), page(2), page(3, content="bulky")]), app.db
+    )
     assert summary["pages"]["inserted"] == 3
     assert definitions() == before
     assert client.get("/api/search", {"q": "bulky"}).json["data"][0]["title"] == "Title 3"
 
 
-def test_a_long_import_shows_its_progress_in_a_log(tmp_path, db, monkeypatch):
+def test_a_long_import_shows_its_progress_in_a_log(app, tmp_path, db, monkeypatch):
     source = write_jsonl(tmp_path / "pages.jsonl", [page(n) for n in range(1, 4)])
-    _, quick = import_quietly(source)
+    _, quick = import_quietly(source, app.db)
     assert "rows (" not in quick and "merging" not in quick  # a short run into a log stays quiet
     monkeypatch.setattr(whoknows.Progress, "LOG_SECONDS", 0)  # every row counts as "a while later"
     monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
     db.execute("TRUNCATE pages")
-    _, slow = import_quietly(source)
+    _, slow = import_quietly(source, app.db)
     lines = slow.splitlines()
     assert "\r" not in slow and "reading pages: 1 rows (" in lines[0] and "reading pages: 3 rows (" in slow
     assert "merging into pages..." in lines and "rebuilding the search indexes..." in lines

@@ -77,3 +77,15 @@ def test_schema_rules(db):
         pass
     created = db.execute("SELECT created_at FROM users").fetchone()["created_at"]
     assert created.tzinfo is not None
+
+
+def test_migrate_command_takes_the_url_the_app_takes(make_database):
+    for url in (make_database(), whoknows.yoyo_url(make_database())):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTGRES_")}
+        env["DATABASE_URL"] = url
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "app.py"), "migrate"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("Applied migrations: 0001.create-users")
+        assert {"users", "pages"} <= tables(whoknows.database_url_text("DATABASE_URL", url))

@@ -16,16 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
 
 
-def logged(db):
-    whoknows.search_log.flush()
+def logged(db, app):
+    app.search_log.flush()
     return db.execute("SELECT query, language, results, duration_ms, logged_in FROM search_log ORDER BY id").fetchall()
 
 
-def test_every_search_is_recorded(client, db, add_page):
+def test_every_search_is_recorded(app, client, db, add_page):
     add_page("Fortran", "numbers")
     client.get("/api/search", {"q": "  FORTRAN  "})
     client.get("/", {"q": "nothing here", "language": "da"})
-    rows = logged(db)
+    rows = logged(db, app)
     assert [(r["query"], r["language"], r["results"], r["logged_in"]) for r in rows] == [
         ("fortran", "en", 1, False),
         ("nothing here", "da", 0, False),
@@ -33,13 +33,13 @@ def test_every_search_is_recorded(client, db, add_page):
     assert all(r["duration_ms"] >= 0 for r in rows)
 
 
-def test_logged_in_searches_are_marked_and_no_client_data_is_kept(client, db):
+def test_logged_in_searches_are_marked_and_no_client_data_is_kept(app, client, db):
     client.post(
         "/api/register", {"username": "u", "email": "u@example.org", "password": "secret1", "password2": "secret1"}
     )
     client.post("/api/login", {"username": "u", "password": "secret1"})
     client.get("/api/search", {"q": "anything"})
-    assert logged(db)[-1]["logged_in"] is True
+    assert logged(db, app)[-1]["logged_in"] is True
     columns = {
         r["column_name"]
         for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'search_log'")
@@ -47,27 +47,27 @@ def test_logged_in_searches_are_marked_and_no_client_data_is_kept(client, db):
     assert columns == {"id", "searched_at", "query", "language", "results", "duration_ms", "logged_in"}
 
 
-def test_search_log_can_be_switched_off(client, db, monkeypatch):
-    monkeypatch.setattr(whoknows.search_log, "enabled", False)
+def test_search_log_can_be_switched_off(app, client, db, monkeypatch):
+    monkeypatch.setattr(app.search_log, "enabled", False)
     client.get("/api/search", {"q": "quiet"})
-    assert logged(db) == []
+    assert logged(db, app) == []
 
 
-def test_a_failed_write_is_logged_and_dropped(client, db, proxy, caplog):
+def test_a_failed_write_is_logged_and_dropped(app, client, db, proxy, caplog):
     client.get("/api/search", {"q": "lost"})
     proxy.stop()
     with caplog.at_level(logging.WARNING, logger="whoknows"):
-        whoknows.search_log.flush()
+        app.search_log.flush()
     assert "search log: dropped 1 searches" in caplog.text
-    assert whoknows.search_log.queue == []
+    assert app.search_log.queue == []
     proxy.start()
 
 
-def test_concurrent_searches_are_all_recorded(db, add_page):
+def test_concurrent_searches_are_all_recorded(app, db, add_page):
     add_page("Busy", "busy page")
 
     def worker(n):
-        client = webtest.TestApp(whoknows.app)
+        client = webtest.TestApp(app)
         for i in range(10):
             client.get("/api/search", {"q": f"busy {n} {i}"})
 
@@ -76,24 +76,24 @@ def test_concurrent_searches_are_all_recorded(db, add_page):
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(logged(db)) == 80
+    assert len(logged(db, app)) == 80
 
 
-def test_old_rows_are_pruned(client, db, monkeypatch):
+def test_old_rows_are_pruned(app, client, db, monkeypatch):
     client.get("/api/search", {"q": "old"})
     client.get("/api/search", {"q": "new"})
-    logged(db)
+    logged(db, app)
     db.execute("UPDATE search_log SET searched_at = now() - interval '100 days' WHERE query = 'old'")
-    monkeypatch.setattr(whoknows.search_log, "retention_days", 90)
-    whoknows.search_log.prune()
-    assert [r["query"] for r in logged(db)] == ["new"]
+    monkeypatch.setattr(app.search_log, "retention_days", 90)
+    app.search_log.prune()
+    assert [r["query"] for r in logged(db, app)] == ["new"]
 
 
-def test_searches_report(client, db, add_page, database_url):
+def test_searches_report(app, client, db, add_page, database_url):
     add_page("Python", "a language")
     for q in ["python", "python", "python", "cobol", "cobol", "rust"]:
         client.get("/api/search", {"q": q})
-    logged(db)
+    logged(db, app)
     env = {**os.environ, "DATABASE_URL": database_url}
     run = lambda *args: subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "searches", *args], env=env, capture_output=True, text=True, timeout=60
@@ -163,14 +163,15 @@ def test_metrics_report_the_database_down(client, proxy):
     proxy.start()
 
 
-def test_metrics_are_limited_to_allowed_addresses(client, monkeypatch):
+def test_metrics_are_limited_to_allowed_addresses(client, make_app):
     client.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.9"}, status=403)
-    monkeypatch.setattr(whoknows, "METRICS_NETWORKS", whoknows.networks_setting("X", "203.0.113.0/24"))
-    client.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.9"}, status=200)
+    allowed = webtest.TestApp(make_app(metrics_allow=whoknows.networks("METRICS_ALLOW", "203.0.113.0/24")))
+    allowed.get("/metrics", extra_environ={"REMOTE_ADDR": "203.0.113.9"}, status=200)
+    allowed.get("/metrics", extra_environ=LOCAL, status=403)
 
 
-def test_metrics_token(client, monkeypatch):
-    monkeypatch.setattr(whoknows, "METRICS_TOKEN", "s3cret-token")
+def test_metrics_token(make_app):
+    client = webtest.TestApp(make_app(metrics_token="s3cret-token"))
     client.get("/metrics", extra_environ=LOCAL, status=403)
     client.get("/metrics", extra_environ=LOCAL, headers={"Authorization": "Bearer wrong"}, status=403)
     client.get("/metrics", extra_environ=LOCAL, headers={"Authorization": "Bearer s3cret-token"}, status=200)

@@ -127,16 +127,28 @@ class FakeProvider:
 
 
 @pytest.fixture
-def provider(monkeypatch):
-    """A fake provider that the app is pointed at, with a short timeout."""
+def provider():
+    """A fake provider on 127.0.0.1."""
     fake = FakeProvider()
-    monkeypatch.setattr(whoknows, "WEATHER_BASE_URL", fake.url)
-    monkeypatch.setattr(whoknows, "WEATHER_TIMEOUT", 0.5)
-    monkeypatch.setattr(whoknows, "WEATHER_CACHE_SECONDS", 600)
-    whoknows._weather_retry_at.clear()  # no back-off left over from another test
     yield fake
     fake.stop()
-    whoknows._weather_retry_at.clear()
+
+
+@pytest.fixture
+def weather_app(make_app, provider):
+    """Factory: an app pointed at the fake provider, with a short timeout and the given settings."""
+
+    def make(**changes):
+        settings = {"weather_base_url": provider.url, "weather_timeout": 0.5, "weather_cache_seconds": 600}
+        return make_app(**{**settings, **changes})
+
+    return make
+
+
+@pytest.fixture
+def app(weather_app):
+    """The app under test: pointed at the fake provider."""
+    return weather_app()
 
 
 def age_cache(db, interval="1 hour"):
@@ -173,7 +185,7 @@ FAILURES = {
 # A fresh fetch ################################################################
 
 
-def test_a_fresh_fetch_asks_the_provider_once_and_serves_the_data(client, provider, db):
+def test_a_fresh_fetch_asks_the_provider_once_and_serves_the_data(app, client, provider, db):
     before = dt.datetime.now(dt.UTC)
     response = client.get("/api/weather")
     assert response.status_code == 200 and response.content_type == "application/json"
@@ -230,14 +242,13 @@ def test_a_fresh_fetch_asks_the_provider_once_and_serves_the_data(client, provid
         "forecast_days": "3",
     }
     row = db.execute("SELECT location, data, fetched_at FROM weather_cache").fetchone()
-    assert row["location"] == whoknows.weather_key() and row["data"]["current"]["temperature_c"] == 4.3
+    assert row["location"] == app.weather.key and row["data"]["current"]["temperature_c"] == 4.3
     assert iso(row["fetched_at"]) == data["fetched_at"]
 
 
-def test_the_configured_place_is_asked_for(client, provider, monkeypatch):
-    monkeypatch.setattr(whoknows, "WEATHER_LATITUDE", 56.1567)
-    monkeypatch.setattr(whoknows, "WEATHER_LONGITUDE", 10.2108)
-    monkeypatch.setattr(whoknows, "WEATHER_LOCATION", "Aarhus")
+def test_the_configured_place_is_asked_for(weather_app, provider):
+    place = {"weather_latitude": 56.1567, "weather_longitude": 10.2108, "weather_location": "Aarhus"}
+    client = webtest.TestApp(weather_app(**place))
     data = client.get("/api/weather").json["data"]
     assert (data["location"], data["latitude"], data["longitude"]) == ("Aarhus", 56.1567, 10.2108)
     query = parse_qs(urlsplit(provider.requests[0]).query)
@@ -294,11 +305,11 @@ def test_a_fresh_cache_is_served_without_asking_the_provider(client, provider):
 
 
 @pytest.mark.parametrize("expire", ["cache seconds 0", "row aged past the cache time"])
-def test_an_expired_cache_is_fetched_again(client, provider, db, monkeypatch, expire):
+def test_an_expired_cache_is_fetched_again(client, weather_app, provider, db, expire):
     first = client.get("/api/weather").json["data"]
     provider.answer(answer_with(current__temperature_2m=9.9))
-    if expire == "cache seconds 0":
-        monkeypatch.setattr(whoknows, "WEATHER_CACHE_SECONDS", 0)
+    if expire == "cache seconds 0":  # another process, with the cache off, on the same cache table
+        client = webtest.TestApp(weather_app(weather_cache_seconds=0))
     else:
         age_cache(db, "601 seconds")
     second = client.get("/api/weather").json["data"]
@@ -438,7 +449,7 @@ def test_the_provider_recovers_after_serving_stale(client, provider, db, monkeyp
 # Concurrency ##################################################################
 
 
-def get_concurrently(path, count, status="*"):
+def get_concurrently(app, path, count, status="*"):
     """GET path from count threads at once, each with its own client; return the responses."""
     barrier = threading.Barrier(count)
     responses, errors = [None] * count, []
@@ -446,7 +457,7 @@ def get_concurrently(path, count, status="*"):
     def run(index):
         try:
             barrier.wait()
-            responses[index] = webtest.TestApp(whoknows.app).get(path, status=status)
+            responses[index] = webtest.TestApp(app).get(path, status=status)
         except Exception as exc:  # reported below, in the test's thread
             errors.append(exc)
 
@@ -459,11 +470,11 @@ def get_concurrently(path, count, status="*"):
     return responses
 
 
-def test_concurrent_requests_with_an_expired_cache_make_one_provider_request(client, provider, db):
+def test_concurrent_requests_with_an_expired_cache_make_one_provider_request(app, client, provider, db):
     client.get("/api/weather")
     old_fetched_at = iso(age_cache(db))
     provider.answer(answer_with(current__temperature_2m=9.9), delay=0.3)
-    responses = get_concurrently("/api/weather", 8)
+    responses = get_concurrently(app, "/api/weather", 8)
     assert len(provider.requests) == 2
     assert all(r.status_code == 200 for r in responses)
     for data in (r.json["data"] for r in responses):
@@ -476,17 +487,17 @@ def test_concurrent_requests_with_an_expired_cache_make_one_provider_request(cli
     assert len(provider.requests) == 2
 
 
-def test_concurrent_requests_with_nothing_cached_wait_for_one_provider_request(provider):
+def test_concurrent_requests_with_nothing_cached_wait_for_one_provider_request(app, provider):
     provider.answer(delay=0.3)
-    responses = get_concurrently("/api/weather", 8)
+    responses = get_concurrently(app, "/api/weather", 8)
     assert len(provider.requests) == 1
     assert all(r.status_code == 200 and r.json["data"]["stale"] is False for r in responses)
     assert len({r.json["data"]["fetched_at"] for r in responses}) == 1
 
 
-def test_concurrent_requests_while_the_provider_fails_ask_it_once(provider, caplog):
+def test_concurrent_requests_while_the_provider_fails_ask_it_once(app, provider, caplog):
     provider.answer(status=500, delay=0.2)
-    responses = get_concurrently("/api/weather", 8)
+    responses = get_concurrently(app, "/api/weather", 8)
     assert all(r.status_code == 503 for r in responses)
     assert len(provider.requests) == 1 and len(warnings_logged(caplog)) == 1
 
@@ -500,25 +511,21 @@ def run_app(*args, env):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60)
 
 
-def test_weather_settings_have_the_documented_defaults():
-    env = {
-        name: ""
-        for name in (
-            "WEATHER_BASE_URL",
-            "WEATHER_LATITUDE",
-            "WEATHER_LONGITUDE",
-            "WEATHER_LOCATION",
-            "WEATHER_CACHE_SECONDS",
-            "WEATHER_TIMEOUT",
-        )
-    }
-    code = (
-        "import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
-        "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))"
+def weather_settings(settings):
+    return (
+        settings.weather_base_url,
+        settings.weather_latitude,
+        settings.weather_longitude,
+        settings.weather_location,
+        settings.weather_cache_seconds,
+        settings.weather_timeout,
     )
-    result = run_app("-c", code, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == repr(("https://api.open-meteo.com", 55.6761, 12.5683, "København", 600, 3.0))
+
+
+def test_weather_settings_have_the_documented_defaults():
+    blank = {name: "" for name in ("WEATHER_BASE_URL", "WEATHER_LATITUDE", "WEATHER_LOCATION", "WEATHER_TIMEOUT")}
+    settings = whoknows.Settings.from_env(environ=blank, dotenv_path=None)
+    assert weather_settings(settings) == ("https://api.open-meteo.com", 55.6761, 12.5683, "København", 600, 3.0)
 
 
 def test_weather_settings_are_read_from_the_environment():
@@ -530,13 +537,8 @@ def test_weather_settings_are_read_from_the_environment():
         "WEATHER_CACHE_SECONDS": "0",
         "WEATHER_TIMEOUT": "1.5",
     }
-    code = (
-        "import app; print(repr((app.WEATHER_BASE_URL, app.WEATHER_LATITUDE, app.WEATHER_LONGITUDE, "
-        "app.WEATHER_LOCATION, app.WEATHER_CACHE_SECONDS, app.WEATHER_TIMEOUT)))"
-    )
-    result = run_app("-c", code, env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == repr(("http://weather.internal:8080", 56.1567, -10.5, "Aarhus", 0, 1.5))
+    settings = whoknows.Settings.from_env(environ=env, dotenv_path=None)
+    assert weather_settings(settings) == ("http://weather.internal:8080", 56.1567, -10.5, "Aarhus", 0, 1.5)
 
 
 @pytest.mark.parametrize(

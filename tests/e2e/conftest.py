@@ -17,8 +17,6 @@ import pytest
 import waitress
 from waitress import wasyncore
 
-import app as whoknows
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     # headless=True makes Playwright pass --headless, which in Chromium 132 and
@@ -83,9 +81,9 @@ def browser():
 
 
 @pytest.fixture(scope="package")
-def live_server(database_url):
+def live_server(session_app):
     """The app on a real waitress server on 127.0.0.1 (a free port), on the test database."""
-    server = waitress.create_server(whoknows.app, host="127.0.0.1", port=0, threads=8)
+    server = waitress.create_server(session_app, host="127.0.0.1", port=0, threads=8)
     thread = threading.Thread(target=server.run, daemon=True, name="e2e-waitress")
     thread.start()
     yield f"http://127.0.0.1:{server.effective_port}"

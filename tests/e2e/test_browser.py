@@ -205,7 +205,7 @@ def test_register_shows_validation_errors(watch, page, db):
     watch.shot("registered")
 
 
-def import_legacy_user(tmp_path, username, password):
+def import_legacy_user(database, tmp_path, username, password):
     """Import one user from a legacy whoknows.db, keeping the unsalted MD5 hash."""
     path = tmp_path / "whoknows.db"
     legacy = sqlite3.connect(path)
@@ -219,11 +219,11 @@ def import_legacy_user(tmp_path, username, password):
     )
     legacy.commit()
     legacy.close()
-    whoknows.import_file(path, out=io.StringIO())
+    whoknows.import_file(database, path, out=io.StringIO())
 
 
-def test_legacy_user_must_change_password(watch, page, db, tmp_path):
-    import_legacy_user(tmp_path, "legacy", "password")
+def test_legacy_user_must_change_password(watch, page, db, tmp_path, session_app):
+    import_legacy_user(session_app.db, tmp_path, "legacy", "password")
 
     page.goto("/login")
     watch.shot("login-form")

@@ -1,6 +1,7 @@
 """Checks from outside: the app as production runs it (the Dockerfile's
-waitress-serve command, in a subprocess) on a private PostgreSQL 18 that these
-tests may stop and start. Run with `make verify`; `make test` leaves them out.
+command, `python app.py serve`, in a subprocess) on a private PostgreSQL 18
+that these tests may stop and start. Run with `make verify`; `make test`
+leaves them out.
 """
 
 import os
@@ -81,36 +82,47 @@ def dockerfile_cmd():
     return dockerfile_instruction("CMD")
 
 
+# The Dockerfile overrides none of the serving settings: production serves
+# with the app's defaults.
+PRODUCTION = whoknows.Settings.from_env(environ={}, dotenv_path=None)
+
+
+def served(option):
+    """The production server's value of a waitress option."""
+    return {
+        "connection-limit": PRODUCTION.connection_limit,
+        "channel-timeout": PRODUCTION.channel_timeout,
+        "cleanup-interval": whoknows.cleanup_interval(PRODUCTION.channel_timeout),
+        "max-request-body-size": whoknows.MAX_BODY_BYTES,
+        "max-request-header-size": whoknows.MAX_HEADER_BYTES,
+        "ident": whoknows.SERVER_IDENT,
+    }[option]
+
+
 class RunningApp:
     """The production command serving on a free port; .base is its URL.
 
-    options replaces the values of some of the command's options (e.g.
-    {"channel-timeout": "3"}), only for checks that would otherwise take too long.
+    extra_env adds settings (e.g. {"CHANNEL_TIMEOUT": "3"}), only for checks
+    that would otherwise take too long.
     """
 
-    def __init__(self, database_url, extra_env=None, options=None):
+    def __init__(self, database_url, extra_env=None):
         self.database_url = database_url
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        command = []
-        for arg in dockerfile_cmd():
-            name = arg.split("=", 1)[0].lstrip("-")
-            if name == "listen":
-                arg = f"--listen=127.0.0.1:{self.port}"
-            elif name in (options or {}):
-                arg = f"--{name}={options[name]}"
-            command.append(arg)
-        self.command = command
+        self.command = [str(BIN / "python") if arg == "python" else arg for arg in dockerfile_cmd()]
         env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "DATABASE_URL": database_url,
             "SECRET_KEY": secrets.token_hex(32),
             "POOL_TIMEOUT": "3",
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
             **(extra_env or {}),
         }
         self.log = tempfile.NamedTemporaryFile(prefix="whoknows-app-", suffix=".log", delete=False)  # noqa: SIM115
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while not self.healthy():
             assert self.process.poll() is None, self.output()
