@@ -926,32 +926,46 @@ def record_login(limits, user, problem):
 # Search #######################################################################
 
 PAGE_SIZE = 10
-# A search collects at most SEARCH_CAP matches (title matches first) and ranks
-# only those, so a common word costs about what a rare one does; the count
-# shows "100+" beyond that, and paging stops at the cap (page 10). Ranking
-# reads each candidate's page vector from TOAST, so the cap bounds the work
-# (bench/README.md has the figures for 100 against 200).
-SEARCH_CAP = 100
-MAX_PAGE = SEARCH_CAP // PAGE_SIZE
+MAX_PAGE = 10
+# A longer query is cut at a word boundary, a query with more words keeps its
+# first ones; the answer says so (notice). Long questions are searched, not
+# refused: every extra word costs a little more work.
+MAX_QUERY_CHARACTERS = 2000
+MAX_QUERY_WORDS = 64
+# A partial last word ('javascr') stands for the lexemes that start with it:
+# the PREFIX_EXPANSIONS most frequent ones (as Lucene's max expansions and
+# Meilisearch's prefix search bound theirs), each counting for
+# COMPLETION_WEIGHT of a word typed in full.
+PREFIX_EXPANSIONS = 8
+COMPLETION_WEIGHT = 0.5
+# A search reads each term's best postings first: INITIAL_DEPTH entries, four
+# times more at each of at most MAX_ROUNDS further rounds, then everything.
+# At most RANDOM_ACCESS_LIMIT pages a round are scored from their own vector
+# to settle their place; CANDIDATE_ROWS is how many candidates a round returns
+# beyond the k wanted.
+INITIAL_DEPTH = 512
+MAX_ROUNDS = 4
+RANDOM_ACCESS_LIMIT = 64
+CANDIDATE_ROWS = 48
+# New pages that wait to be indexed are scored from their own vector: at
+# most QUEUE_SEARCH_LIMIT of them (imports and the crawler index as they go).
+QUEUE_SEARCH_LIMIT = 1000
+LEVEL_WIDTH = 256  # impacts (0..29999) per impact level in postings
 # ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
 # characters before the first query word: room for its 35 words around it.
 SNIPPET_CHARS, SNIPPET_LEAD = 300, 60
-MAX_QUERY_LENGTH = 200
-MAX_QUERY_WORDS = 16
 # Private-use characters mark matches in ts_headline output, which is not
 # HTML-safe: escape first, then turn the markers into <mark>.
 START_SEL, STOP_SEL = "\ue000", "\ue001"
 
 
 def read_search_input(source):
-    """Return (q, language, page) from a request's query, or raise BadInput."""
-    q = " ".join(text_param(source, "q", MAX_QUERY_LENGTH * 2).split())
+    """Return (q, language, page) from a request's query, or raise BadInput.
+    q keeps its trailing space, if any: it tells a finished last word."""
+    raw = text_param(source, "q", MAX_QUERY_CHARACTERS * 4)
+    q = " ".join(raw.split()) + (" " if raw[-1:].isspace() and raw.strip() else "")
     language = text_param(source, "language", 10).strip() or "en"
     page_text = text_param(source, "page", 10).strip() or "1"
-    if len(q) > MAX_QUERY_LENGTH:
-        raise BadInput(f"q is too long (at most {MAX_QUERY_LENGTH} characters)", "q")
-    if len(q.split()) > MAX_QUERY_WORDS:
-        raise BadInput(f"q has too many words (at most {MAX_QUERY_WORDS})", "q")
     if language not in LANGUAGES:
         raise BadInput("language must be 'en' or 'da'", "language")
     if not page_text.isdigit() or not 1 <= int(page_text) <= MAX_PAGE:
@@ -959,41 +973,422 @@ def read_search_input(source):
     return q, language, int(page_text)
 
 
-def prefix_query(q):
-    """Return (tsquery text, has positive terms): the query with its last word
-    as a prefix ('javascr' finds JavaScript, as the legacy LIKE search did).
+@dataclasses.dataclass
+class ParsedQuery:
+    """A query as the search sees it.
 
-    Follows websearch syntax: a "quoted phrase" stays a phrase, a -word stays
-    excluded, and 'or' is dropped (AND is stricter). Only the last word is a
-    prefix: that is the word a user is still typing, and expanding every word
-    ('art:*') would cost far more than it finds. \\w+ tokens hold no quotes or
-    operators, so the result always parses.
+    groups: lists of words; a page matches a group when it has any of them
+    (`fox or dog` is one group). phrases must occur, excluded words must not.
+    prefix is the group whose last word may be unfinished. ignored counts the
+    words left out beyond MAX_QUERY_WORDS or MAX_QUERY_CHARACTERS.
     """
-    terms, positive, last_plain = [], False, None
+
+    groups: list
+    phrases: list
+    excluded: list
+    prefix: int | None
+    ignored: int
+    text: str
+
+
+def parse_query(q):
+    """Return the ParsedQuery of q, in websearch syntax: "a phrase", -word, or."""
+    ignored = 0
+    if len(q) > MAX_QUERY_CHARACTERS:
+        cut = q.rfind(" ", 0, MAX_QUERY_CHARACTERS + 1)
+        kept = q[: cut if cut > 0 else MAX_QUERY_CHARACTERS]
+        ignored += len(q[len(kept) :].split())
+        q = kept
+    groups, phrases, excluded, words, joining = [], [], [], 0, False
+    prefix = None
     for match in re.finditer(r'"([^"]*)"?|(\S+)', q):
         phrase, word = match.group(1), match.group(2)
-        last_plain = None
+        prefix = None
         if phrase is not None:
             tokens = re.findall(r"\w+", phrase)
+            if words + len(tokens) > MAX_QUERY_WORDS:
+                ignored += len(tokens)
+                continue
             if tokens:
-                terms.append("(" + " <-> ".join(f"'{t}'" for t in tokens) + ")")
-                positive = True
+                phrases.append(" ".join(tokens))
+                groups += [[token] for token in tokens]
+                words += len(tokens)
+            joining = False
         elif word.startswith("-"):
-            terms += [f"!'{t}'" for t in re.findall(r"\w+", word)]
-        elif word.lower() != "or":
-            tokens = re.findall(r"\w+", word)
-            terms += [f"'{t}'" for t in tokens]
-            positive = positive or bool(tokens)
-            last_plain = len(terms) - 1 if tokens and len(tokens[-1]) >= 2 else None
-    if last_plain is not None:
-        terms[last_plain] += ":*"
-    return " & ".join(terms[: MAX_QUERY_WORDS * 2]), positive
+            excluded += re.findall(r"\w+", word)
+        elif word.lower() == "or":
+            joining = bool(groups)
+        elif not re.search(r"\w", word):
+            continue
+        elif words >= MAX_QUERY_WORDS:
+            ignored += 1
+        else:
+            if joining:
+                groups[-1].append(word)
+            else:
+                groups.append([word])
+            words += 1
+            joining = False
+            # The last word, still being typed: no space after it, no punctuation at its end.
+            if match.end() == len(q) and word[-1].isalnum() and len(word) >= 2:
+                prefix = len(groups) - 1
+    return ParsedQuery(groups, phrases, excluded, prefix, ignored, q.strip())
+
+
+def like_prefix(text):
+    """Return a LIKE pattern for lexemes that start with text, wildcards escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def like_pattern(text):
     """Return an ILIKE pattern that finds text anywhere, with wildcards escaped."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
+    return "%" + like_prefix(text)
+
+
+def idf(df, pages):
+    """Return BM25's inverse document frequency (Lucene's, never negative)."""
+    return math.log(1 + (pages - df + 0.5) / (df + 0.5))
+
+
+@dataclasses.dataclass
+class Term:
+    """One lexeme of a search: its group, its integer weight (IDF times 1000,
+    less for a completion), and its postings' counts by level, best first."""
+
+    lexeme: str
+    group: int
+    weight: int
+    df: int
+    levels: list
+    counts: list
+
+    def plan(self, depth):
+        """Return (min_level, bound): read the levels down to min_level to get
+        at least depth entries; every impact not read is at most bound."""
+        total = 0
+        for index, (level, count) in enumerate(zip(self.levels, self.counts)):
+            total += count
+            if total >= depth:
+                below = self.levels[index + 1 : index + 2]
+                return level, ((below[0] + 1) * LEVEL_WIDTH - 1) if below else 0
+        return 0, 0
+
+
+@dataclasses.dataclass
+class Search:
+    """A parsed query with its terms looked up in one language."""
+
+    query: ParsedQuery
+    language: str
+    terms: list
+    pages: int
+    average_length: float | None
+
+    @property
+    def group_count(self):
+        return len(self.query.groups)
+
+    @property
+    def all_groups(self):
+        return (1 << self.group_count) - 1
+
+    @property
+    def lexemes(self):
+        return [term.lexeme for term in self.terms]
+
+    def params(self):
+        """The query parameters the ranking queries share."""
+        return {
+            "language": self.language,
+            "config": LANGUAGES[self.language],
+            "lexemes": self.lexemes,
+            "weights": [float(t.weight) for t in self.terms],
+            "groups": [t.group for t in self.terms],
+            "all_groups": self.all_groups,
+            "phrases": self.query.phrases,
+            "excluded": self.query.excluded,
+            "average_length": self.average_length,
+        }
+
+    def score(self, terms, impacts):
+        """Return (matched mask, score) of a page from its terms' impacts."""
+        best = {}
+        for index, impact in zip(terms, impacts):
+            term = self.terms[index - 1]
+            best[term.group] = max(best.get(term.group, 0), term.weight * impact)
+        return sum(1 << group for group in best), sum(best.values())
+
+    def estimate_total(self):
+        """Return (total, is_estimate): how many pages match any group; exact
+        for one term without filters, else an estimate that assumes the words
+        occur independently of each other."""
+        if not self.terms or not self.pages:
+            return 0, False
+        if len(self.terms) == 1 and not self.query.phrases and not self.query.excluded:
+            return self.terms[0].df, False
+        missing = 1.0
+        for group in range(self.group_count):
+            df = sum(t.df for t in self.terms if t.group == group)
+            missing *= 1 - min(df, self.pages) / self.pages
+        return round(self.pages * (1 - missing)), True
+
+
+def look_up(conn, query, language):
+    """Return the Search of a parsed query: each word's lexemes and the prefix's completions."""
+    words = [word for group in query.groups for word in group]
+    word_groups = [number for number, group in enumerate(query.groups) for _ in group]
+    prefix_word = query.groups[query.prefix][-1].lower() if query.prefix is not None else None
+    rows = conn.execute(
+        sql("lookup_terms"),
+        {
+            "words": words,
+            "word_groups": word_groups,
+            "config": LANGUAGES[language],
+            "language": language,
+            "prefix_group": query.prefix,
+            "prefix_pattern": like_prefix(prefix_word) if prefix_word else None,
+            "expansions": PREFIX_EXPANSIONS if prefix_word else 0,
+        },
+    ).fetchall()
+    pages = rows[0]["corpus_pages"] or 0 if rows else 0
+    average = rows[0]["average_length"] if rows else None
+    if average is None and pages:  # no index built yet: the exact average, as every path computes it
+        average = conn.execute(sql("average_body_length"), {"language": language}).fetchone()["average"]
+    terms, seen = [], set()
+    for row in rows:
+        key = (row["grp"], row["lexeme"])
+        if key in seen or row["df"] == 0:  # a completion of the word itself, or a lexeme no page has
+            continue
+        seen.add(key)
+        weight = 1000 * idf(row["df"], max(pages, row["df"]))
+        if row["completion"]:
+            weight *= COMPLETION_WEIGHT
+        terms.append(
+            Term(row["lexeme"], row["grp"], round(weight), row["df"], row["levels"] or [], row["level_counts"] or [])
+        )
+    return Search(query, language, terms, pages, average)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A page the ranking knows of: its matched groups and score, known
+    exactly or as a range (low..high, and whether it may match every group)."""
+
+    page_id: int
+    low: int
+    high: int
+    matched: int
+    may_match_all: bool
+    exact: bool
+
+
+class Ranker:
+    """Finds the top k pages of a search exactly, reading as little as it can.
+
+    The ranking key of a page is (matches every group, score, lower id
+    first), score = the sum over groups of the group's best weight * impact.
+    Each round reads every term's postings from its best impact level down to
+    a depth, which bounds every impact not read yet. It stops once no page
+    outside the best k can overtake them, after scoring the uncertain ones
+    from their own vectors (random access); else it reads four times deeper.
+    exhaustive reads every posting at once (the check of the fast path).
+    """
+
+    def __init__(self, conn, search, exhaustive=False):
+        self.conn, self.search = conn, search
+        self.exhaustive = exhaustive
+        self.exact = {}  # page id -> Candidate scored from its vector
+        self.rejected = set()  # pages that fail a required phrase or have an excluded word
+        self.filters = bool(search.query.phrases or search.query.excluded)
+        self.extra_rows = CANDIDATE_ROWS
+        self.random_accesses = 0
+        self.rounds = 0
+
+    def key(self, candidate):
+        """The lowest ranking key a candidate can have (higher is better)."""
+        return (candidate.matched == self.search.all_groups, candidate.low)
+
+    def top(self, k):
+        """Return the best k Candidates, best first (fewer when fewer pages match)."""
+        if not self.search.terms:
+            return []
+        self.score_queued()
+        depth = math.inf if self.exhaustive else INITIAL_DEPTH
+        while True:
+            self.rounds += 1
+            decided = self.decide(*self.round(depth, k), k)
+            if decided is not None:
+                return decided
+            if depth == math.inf:
+                self.extra_rows *= 4  # everything is read: the answer is among more rows
+            else:
+                depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
+
+    def round(self, depth, k):
+        """Read the postings to depth; return the candidates, the highest keys
+        (may match every group, score) that pages not among them can have,
+        and whether pages were seen beyond the rows returned."""
+        search = self.search
+        plans = [term.plan(depth) for term in search.terms]
+        bounds = {}
+        for term, (_, bound) in zip(search.terms, plans):
+            bounds[term.group] = max(bounds.get(term.group, 0), term.weight * bound)
+        multi = {g for g in range(search.group_count) if sum(t.group == g for t in search.terms) > 1}
+        limit = k + len(self.rejected) + len(self.exact) + self.extra_rows
+        params = {**search.params(), "min_levels": [level for level, _ in plans], "limit": limit}
+        candidates, rest_low = [], None
+        for row in self.conn.execute(sql("rank_candidates"), params).fetchall():
+            if row["page_id"] is None:
+                rest_low = row["low"] if row["matched"] else None
+            elif row["page_id"] not in self.exact and row["page_id"] not in self.rejected:
+                low, matched = int(row["low"]), int(row["matched"])
+                # A group not known to occur may still, up to its bound; a group
+                # of several terms may score higher through a term not read yet.
+                open_groups = [g for g in range(search.group_count) if not matched >> g & 1 or g in multi]
+                high = low + sum(bounds.get(g, 0) for g in open_groups)
+                may_all = all(matched >> g & 1 or bounds.get(g, 0) > 0 for g in range(search.group_count))
+                exact = high == low and (matched == search.all_groups) == may_all and not self.filters
+                candidates.append(Candidate(row["page_id"], low, high, matched, may_all, exact))
+        total = sum(bounds.values())
+        outside = []
+        if total:  # a page no read posting names scores at most every bound
+            outside.append((all(bounds.get(g, 0) > 0 for g in range(search.group_count)), total))
+            if rest_low is not None:  # seen, not returned: its known part is at most the best left out
+                outside.append((True, int(rest_low) + total))
+        # With everything read, pages not returned rank below every page returned.
+        return candidates, outside, rest_low is not None and not total
+
+    def decide(self, candidates, outside, more_rows, k):
+        """Return the top k if this round settles it (scoring uncertain pages
+        from their vectors as needed), or None to read deeper (or more rows)."""
+        everyone = candidates + list(self.exact.values())
+        lower = sorted(everyone, key=self.key, reverse=True)
+        if len(lower) >= k:
+            kth = self.key(lower[k - 1])
+            if any(bound >= kth for bound in outside):
+                return None  # a page not among the candidates might still belong in the top k
+            contenders = [c for c in everyone if (c.may_match_all, c.high) >= kth]
+        elif outside or more_rows:
+            return None  # fewer than k known, and more pages may match
+        else:
+            contenders = everyone
+        uncertain = [c for c in contenders if not c.exact]
+        if len(uncertain) > RANDOM_ACCESS_LIMIT and not self.exhaustive:
+            return None  # cheaper to read deeper than to score them one by one
+        if uncertain:
+            self.score_pages([c.page_id for c in uncertain])
+            remaining = [c for c in candidates if c.page_id not in self.exact and c.page_id not in self.rejected]
+            return self.decide(remaining, outside, more_rows, k)
+        ranked = sorted(contenders, key=lambda c: (-(c.matched == self.search.all_groups), -c.low, c.page_id))
+        return ranked[:k]
+
+    def score_pages(self, page_ids):
+        """Score pages exactly from their own vectors (and check the filters)."""
+        self.random_accesses += len(page_ids)
+        rows = self.conn.execute(sql("score_pages"), {**self.search.params(), "page_ids": page_ids}).fetchall()
+        for row in rows:
+            if not row["phrases_ok"] or row["excluded"]:
+                self.rejected.add(row["id"])
+                continue
+            matched, score = self.search.score(row["terms"], row["impacts"])
+            full = matched == self.search.all_groups
+            self.exact[row["id"]] = Candidate(row["id"], score, score, matched, full, True)
+
+    def score_queued(self):
+        """Score the new pages that wait to be indexed (they have no postings yet)."""
+        search = self.search
+        params = {"language": search.language, "lexemes": search.lexemes, "limit": QUEUE_SEARCH_LIMIT}
+        queued = [row["page_id"] for row in self.conn.execute(sql("find_queued_pages"), params)]
+        if queued:
+            self.score_pages(queued)
+
+
+def exhaustive_top(conn, search, k):
+    """Return the top k (page_id, matched, score) by the ranking function
+    evaluated on every page from its own vector: no index, no pruning."""
+    params = {**search.params(), "limit": k}
+    rows = conn.execute(sql("search_exhaustive"), params).fetchall()
+    return [(row["page_id"], int(row["matched"]), int(row["low"])) for row in rows]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """One page of results: the rows shown, the total (exact or estimated),
+    whether there is a next page, and a notice about words left out."""
+
+    rows: list
+    total: int
+    total_is_estimate: bool
+    has_next: bool
+    ignored: int
+    missing: dict  # page id -> the words of the query it lacks
+
+    @property
+    def notice(self):
+        if not self.ignored:
+            return None
+        words = "word was" if self.ignored == 1 else "words were"
+        return f"Only the first {MAX_QUERY_WORDS} words were searched; {self.ignored} {words} left out."
+
+
+def search_params(search, page_ids):
+    """Return the parameters of queries/get_search_results.sql for these pages."""
+    words = [w for group in search.query.groups for w in group]
+    locate = (re.findall(r"\w+", words[0]) or [""])[0].lower() if words else ""
+    return {
+        "page_ids": page_ids,
+        "lexemes": search.lexemes,
+        "config": LANGUAGES[search.language],
+        # Where the snippet starts: the first word of the query at the start
+        # of a word, in lower case, capitalised or in capitals (Python knows
+        # the case rules of every language; the database may use the C locale).
+        "locate_words": [f" {locate}", f" {locate.capitalize()}", f" {locate.upper()}"],
+        "snippet_chars": SNIPPET_CHARS,
+        "snippet_lead": SNIPPET_LEAD,
+        "start_sel": START_SEL,
+        "stop_sel": STOP_SEL,
+    }
+
+
+def title_substring_search(conn, search, q, page):
+    """The fallback when no word matches: pages whose title contains the text."""
+    if len(q.strip()) < 3:  # a trigram index cannot help below 3 characters
+        return [], 0
+    params = {
+        "language": search.language,
+        "pattern": like_pattern(q.strip()),
+        "limit": PAGE_SIZE + 1,
+        "offset": (page - 1) * PAGE_SIZE,
+        "count_limit": PAGE_SIZE * MAX_PAGE + 1,
+    }
+    rows = conn.execute(sql("search_title_substring"), params).fetchall()
+    return [row["id"] for row in rows], (rows[0]["total"] if rows else 0)
+
+
+def run_search(conn, q, language, page):
+    """Return the SearchResult of one page of a search."""
+    query = parse_query(q)
+    search = look_up(conn, query, language)
+    if not query.groups:
+        # Only exclusions ("-word") would match nearly every page: no results.
+        return SearchResult([], 0, False, False, query.ignored, {})
+    top = Ranker(conn, search).top(page * PAGE_SIZE + 1)
+    ids = [c.page_id for c in top[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]]
+    total, estimated = search.estimate_total()
+    total = max(total, len(top) if len(top) <= page * PAGE_SIZE else total)
+    has_next = len(top) > page * PAGE_SIZE and page < MAX_PAGE
+    if not top and page == 1 and not query.phrases:
+        ids, total = title_substring_search(conn, search, query.text, page)
+        has_next, estimated = len(ids) > PAGE_SIZE and page < MAX_PAGE, False
+        ids = ids[:PAGE_SIZE]
+    matched = {c.page_id: c.matched for c in top}
+    missing = {
+        page_id: [words[0] for g, words in enumerate(query.groups) if not matched.get(page_id, -1) >> g & 1]
+        for page_id in ids
+        if page_id in matched and len(query.groups) > 1
+    }
+    rows = conn.execute(sql("get_search_results"), search_params(search, ids)).fetchall() if ids else []
+    return SearchResult(rows, total, estimated, has_next, query.ignored, missing)
 
 
 class SearchCache:
@@ -1030,44 +1425,14 @@ class SearchCache:
             self.entries.clear()
 
 
-def search_params(q, language, page, prefix):
-    """Return the parameters of queries/search_pages.sql for one page of a search."""
-    locate = (re.findall(r"\w+", q.lstrip("-")) or [""])[0].lower()  # the first word
-    return {
-        "q": q,
-        "config": LANGUAGES[language],
-        "language": language,
-        "prefix": prefix,
-        # Below 3 characters a trigram index cannot help; prefixes cover it.
-        "title_pattern": like_pattern(q) if len(q) >= 3 else None,
-        "limit": PAGE_SIZE,
-        "offset": (page - 1) * PAGE_SIZE,
-        "cap": SEARCH_CAP,
-        # Where the snippet starts: the first word of the query at the start
-        # of a word, in lower case, capitalised or in capitals (Python knows
-        # the case rules of every language; the database may use the C locale).
-        "locate_words": [f" {locate}", f" {locate.capitalize()}", f" {locate.upper()}"],
-        "snippet_chars": SNIPPET_CHARS,
-        "snippet_lead": SNIPPET_LEAD,
-        "start_sel": START_SEL,
-        "stop_sel": STOP_SEL,
-    }
-
-
 def search(app, q, language, page):
-    """Return (results, total, capped) for one page of a search."""
-    prefix, positive = prefix_query(q)
-    if not positive:
-        # Only exclusions ("-word") would match nearly every page: no results.
-        return [], 0, False
+    """Return the SearchResult of one page of a search, from the cache when it can."""
     key = (q.lower(), language, page)
     cached = app.search_cache.get(key)
     if cached is not None:
         return cached
-    params = search_params(q, language, page, prefix)
     with app.db.connection() as conn:
-        rows = conn.execute(sql("search_pages"), params).fetchall()
-    result = rows, (rows[0]["total"] if rows else 0), bool(rows and rows[0]["capped"])
+        result = run_search(conn, q, language, page)
     app.search_cache.put(key, result)
     return result
 
@@ -1076,25 +1441,25 @@ def logged_search(q, language, page):
     """search(), timed, counted in the metrics and recorded in the search log."""
     app = current_app()
     started = time.perf_counter()
-    rows, total, capped = search(app, q, language, page)
+    result = search(app, q, language, page)
     millis = (time.perf_counter() - started) * 1000
     SEARCHES.labels(language).inc()
-    if total == 0:
+    if result.total == 0:
         ZERO_RESULT_SEARCHES.labels(language).inc()
-    app.search_log.record(q.lower(), language, total, millis, current_user() is not None)
-    return rows, total, capped
+    app.search_log.record(q.strip().lower(), language, result.total, millis, current_user() is not None)
+    return result
 
 
 def snippet_html(text):
     """Return ts_headline output as safe HTML with matches in <mark>."""
-    escaped = html.escape(text, quote=False)
+    escaped = html.escape(text or "", quote=False)
     # Safe: everything was escaped above; only our own <mark> tags are added.
     return Markup(escaped.replace(START_SEL, "<mark>").replace(STOP_SEL, "</mark>"))  # noqa: S704  # nosec B704
 
 
 def snippet_text(text):
     """Return ts_headline output as plain text."""
-    return text.replace(START_SEL, "").replace(STOP_SEL, "")
+    return (text or "").replace(START_SEL, "").replace(STOP_SEL, "")
 
 
 def result_json(row):
@@ -1534,26 +1899,23 @@ def form_success(message, location):
 @route("/")
 def search_page():
     """Show the search form and, for a query, one page of results."""
-    error, results, total, capped = None, [], 0, False
+    error, result = None, None
     q, language, page = "", "en", 1
     try:
         q, language, page = read_search_input(bottle.request.query)
-        if q:
-            results, total, capped = logged_search(q, language, page)
+        if q.strip():
+            result = logged_search(q, language, page)
     except BadInput as exc:
         error = str(exc)
         bottle.response.status = 422
     return render(
         "search.html",
-        q=q,
+        q=q.strip(),
         language=language,
         page=page,
-        results=results,
-        total=total,
-        capped=capped,
+        result=result,
         error=error,
         page_size=PAGE_SIZE,
-        max_page=MAX_PAGE,
         snippet_html=snippet_html,
     )
 
@@ -1610,22 +1972,24 @@ def api_search():
     """Return one page of search results as JSON."""
     try:
         q, language, page = read_search_input(bottle.request.query)
-        if not q:
+        if not q.strip():
             raise BadInput("q is required", "q")
     except BadInput as exc:
         return json_message(422, str(exc))
-    rows, total, capped = logged_search(q, language, page)
-    results = [result_json(row) for row in rows]
+    result = logged_search(q, language, page)
+    results = [result_json(row) for row in result.rows]
     return {
         "data": results,
         "search_results": results,
-        "query": q,
+        "query": parse_query(q).text,
         "language": language,
         "page": page,
         "page_size": PAGE_SIZE,
-        "total": total,
-        "total_is_capped": capped,
-        "has_next": page < MAX_PAGE and total > page * PAGE_SIZE,
+        "total": result.total,
+        "total_is_estimate": result.total_is_estimate,
+        "has_next": result.has_next,
+        "words_ignored": result.ignored,
+        "notice": result.notice,
     }
 
 
@@ -2098,31 +2462,35 @@ def import_pages(conn, records, out):
     removed = 0
     for row in conn.execute(sql("delete_staging_duplicates")).fetchall():
         removed += 1
-        print(f"skipped line {row['lineno']}: the same url or title appears again later ({row['url']})", file=out)
-    for row in conn.execute(sql("delete_staging_title_conflicts")).fetchall():
-        removed += 1
-        print(f"skipped line {row['lineno']}: title {row['title']!r} already belongs to another url", file=out)
+        print(f"skipped line {row['lineno']}: the same url appears again later ({row['url']})", file=out)
     counts["skipped"] += removed
     progress.note("merging into pages...")
+    bulk = seen - removed >= BULK_IMPORT_ROWS and seen - removed > conn.execute(sql("count_pages")).fetchone()["n"]
     indexes = []
-    if seen - removed >= BULK_IMPORT_ROWS and seen - removed > conn.execute(sql("count_pages")).fetchone()["n"]:
-        # A bulk load: rebuild the GIN indexes in one pass afterwards instead of
-        # updating them row by row (several times faster). Searches wait for
-        # the import to commit meanwhile, which suits a first load.
+    if bulk:
+        # A bulk load: the page triggers stand aside (rebuild_index recounts
+        # everything once), and the GIN indexes are rebuilt in one pass
+        # afterwards instead of updated row by row (several times faster).
+        # Searches wait for the import to commit meanwhile, which suits a
+        # first load.
+        conn.execute(sql("set_bulk_load"))
         indexes = conn.execute(sql("list_page_search_indexes")).fetchall()
         for index in indexes:
             # An index name from the catalog, quoted as an identifier by psycopg.sql.
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
-    if indexes:
-        progress.note("rebuilding the search indexes...")
-        conn.execute(sql("set_index_build_memory"), {"memory": "512MB"})
+    if bulk:
+        progress.note("rebuilding the title index...")
+        conn.execute(sql("set_index_build_memory"), {"memory": BUILD_MEMORY})
         for index in indexes:
             conn.execute(index["definition"])  # from the catalog, not from input
+        rebuild_index(conn, progress)
+    else:
+        index_queued(conn)
     counts["inserted"] = sum(1 for row in written if row["inserted"])
     counts["updated"] = len(written) - counts["inserted"]
     counts["unchanged"] = seen - removed - len(written)
-    return counts, bool(indexes)
+    return counts, bulk
 
 
 def import_legacy_users(conn, db, out):
@@ -2185,6 +2553,83 @@ def load_sample_pages(database):
             return False
         import_pages(conn, read_jsonl(SAMPLE_PAGES), sys.stderr)
     return True
+
+
+# Index ########################################################################
+
+# A full build cuts the pages into segments of SEGMENT_PAGES: one segment's
+# hash aggregate (every posting of its pages, grouped by lexeme) then stays
+# within BUILD_MEMORY. Beyond MAX_SEGMENTS segments, the smallest are merged
+# into one, so a crawl's many small batches do not slow searches down.
+SEGMENT_PAGES = 100_000
+BUILD_MEMORY = "1GB"
+MAX_SEGMENTS = 16
+AVERAGE_SAMPLE = 2000  # pages that estimate the average body length at a full build
+
+
+def build_segment(conn, refresh_levels=True):
+    """Index the pages in index_batch as a new segment; return how many."""
+    segment = conn.execute(sql("create_index_segment")).fetchone()["id"]
+    conn.execute(sql("build_segment_postings"), {"segment": segment})
+    assigned = conn.execute(sql("assign_page_segments"), {"segment": segment}).fetchone()["assigned"]
+    if refresh_levels:
+        conn.execute(sql("refresh_term_levels"), {"segment": segment})
+    return assigned
+
+
+def index_queued(conn):
+    """Index the queued pages (new or changed) in new segments, then merge
+    small segments; return how many pages. A full build instead when the
+    corpus has grown or shrunk by more than a quarter since the last one, so
+    that the average body length that every impact uses stays close to the
+    real one. Runs in the caller's transaction."""
+    conn.execute(sql("lock_index"))
+    if conn.execute(sql("needs_full_index_build")).fetchone()["rebuild"]:
+        queued = conn.execute(sql("get_index_state")).fetchone()["queued"]
+        rebuild_index(conn)
+        return queued
+    conn.execute(sql("create_index_batch"))
+    indexed = 0
+    while conn.execute(sql("take_index_queue"), {"limit": SEGMENT_PAGES}).fetchone()["taken"]:
+        indexed += build_segment(conn)
+        conn.execute(sql("clear_index_batch"))
+    if indexed:
+        merge_segments(conn)
+    return indexed
+
+
+def merge_segments(conn):
+    """Beyond MAX_SEGMENTS, rebuild the smallest segments as one."""
+    segments = conn.execute(sql("list_index_segments")).fetchall()  # smallest first
+    if len(segments) <= MAX_SEGMENTS:
+        return
+    chosen = [row["id"] for row in segments[: len(segments) - MAX_SEGMENTS // 2]]
+    conn.execute(sql("clear_index_batch"))
+    conn.execute(sql("fill_index_batch_from_segments"), {"segments": chosen})
+    build_segment(conn)
+    conn.execute(sql("delete_index_segments"), {"segments": chosen})
+    conn.execute(sql("clear_index_batch"))
+
+
+def rebuild_index(conn, progress=None):
+    """Rebuild the whole index and its statistics from the pages (a bulk
+    import, `python app.py reindex`): a new average body length, every page in
+    segments of SEGMENT_PAGES, document frequencies recounted. Runs in the
+    caller's transaction; searches keep the old index until it commits."""
+    conn.execute(sql("lock_index"))
+    conn.execute(sql("set_index_build_memory"), {"memory": BUILD_MEMORY})
+    conn.execute(sql("clear_index"))
+    conn.execute(sql("refresh_corpus_stats"), {"languages": list(LANGUAGES), "sample": AVERAGE_SAMPLE})
+    conn.execute(sql("create_index_batch"))
+    ranges = conn.execute(sql("list_page_id_ranges"), {"size": SEGMENT_PAGES}).fetchall()
+    for number, page_range in enumerate(ranges, 1):
+        if progress:
+            progress.note(f"indexing pages: segment {number} of {len(ranges)}...")
+        conn.execute(sql("fill_index_batch"), page_range)
+        build_segment(conn, refresh_levels=False)
+        conn.execute(sql("clear_index_batch"))
+    conn.execute(sql("clear_term_stats"))
+    conn.execute(sql("count_term_stats"))
 
 
 # Reports ######################################################################
@@ -2380,7 +2825,21 @@ def prepare_database(database, migrate):
         applied = apply_migrations(url)
         if applied:
             print(f"Applied migrations: {', '.join(applied)}", flush=True)
+        index_waiting(database)
     return url
+
+
+def index_waiting(database):
+    """Index the pages that wait in the index queue (after a migration, or
+    pages written outside import and crawl), printing how many."""
+    with database.transaction() as conn:
+        queued = conn.execute(sql("get_index_state")).fetchone()["queued"]
+        if queued > SEGMENT_PAGES:
+            rebuild_index(conn, Progress(sys.stdout, "indexing"))
+        elif queued:
+            index_queued(conn)
+    if queued:
+        print(f"Indexed {queued:,} waiting pages", flush=True)
 
 
 def command_serve(settings, args):
@@ -2399,11 +2858,59 @@ def command_serve(settings, args):
 
 
 def command_migrate(settings, args):
-    """Apply pending migrations."""
+    """Apply pending migrations, then index any pages waiting for it."""
     database = Database(settings)
-    url = prepare_database(database, migrate=False)
-    applied = apply_migrations(url)
-    print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
+    try:
+        url = prepare_database(database, migrate=False)
+        applied = apply_migrations(url)
+        print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
+        index_waiting(database)
+    finally:
+        database.close()
+    return 0
+
+
+def command_reindex(settings, args):
+    """Rebuild the whole index and its statistics from the pages."""
+    database = Database(settings)
+    try:
+        prepare_database(database, migrate=True)
+        started = time.monotonic()
+        with database.transaction() as conn:
+            rebuild_index(conn, Progress(sys.stdout, "indexing"))
+            state = conn.execute(sql("get_index_state")).fetchone()
+        with psycopg.connect(database.pool().conninfo, autocommit=True) as conn:
+            conn.execute(sql("analyze_pages"))
+    finally:
+        database.close()
+    print(f"Indexed {state['indexed']:,} pages in {state['segments']} segments in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def command_search(settings, args):
+    """Print the ranking of a search: the fast path, or an exhaustive evaluation of the same function."""
+    database = Database(settings)
+    try:
+        prepare_database(database, migrate=False)
+        with database.connection() as conn:
+            search = look_up(conn, parse_query(args.query), args.language)
+            k = args.page * PAGE_SIZE
+            if args.from_vectors:
+                top = exhaustive_top(conn, search, k)
+            else:
+                ranker = Ranker(conn, search, exhaustive=args.exact)
+                top = [(c.page_id, c.matched, c.low) for c in ranker.top(k)]
+            shown = top[(args.page - 1) * PAGE_SIZE :]
+            rows = conn.execute(sql("get_search_results"), search_params(search, [p for p, _, _ in shown])).fetchall()
+    finally:
+        database.close()
+    titles = {row["id"]: (row["title"], row["url"]) for row in rows}
+    for place, (page_id, matched, score) in enumerate(shown, (args.page - 1) * PAGE_SIZE + 1):
+        title, url = titles.get(page_id, ("?", "?"))
+        every = "all words" if matched == search.all_groups else "some words"
+        print(f"{place:>3}. {title} <{url}> page {page_id}, score {score:,}, {every}")
+    if not shown:
+        print("(no results)")
     return 0
 
 
@@ -2435,7 +2942,14 @@ def command_searches(settings, args):
     return 0
 
 
-COMMANDS = {"serve": command_serve, "migrate": command_migrate, "import": command_import, "searches": command_searches}
+COMMANDS = {
+    "serve": command_serve,
+    "migrate": command_migrate,
+    "import": command_import,
+    "reindex": command_reindex,
+    "search": command_search,
+    "searches": command_searches,
+}
 
 
 def positive_int(text):
@@ -2453,6 +2967,14 @@ def parse_arguments(argv):
     commands.add_parser("migrate", help="apply pending migrations")
     importer = commands.add_parser("import", help="import pages from JSON Lines or a legacy whoknows.db")
     importer.add_argument("file", help="a .jsonl file, or a legacy SQLite whoknows.db")
+    commands.add_parser("reindex", help="rebuild the search index and its statistics from the pages")
+    query = commands.add_parser("search", help="print the ranking of a search (and check it: --exact, --from-vectors)")
+    query.add_argument("query", help="the search, as typed in the search box")
+    query.add_argument("--language", choices=sorted(LANGUAGES), default="en")
+    query.add_argument("--page", type=positive_int, default=1, help="which page of 10 results (default 1)")
+    how = query.add_mutually_exclusive_group()
+    how.add_argument("--exact", action="store_true", help="read every posting of every term: no pruning")
+    how.add_argument("--from-vectors", action="store_true", help="score every page from its own vector: no index")
     report = commands.add_parser("searches", help="print the top searches from the search log")
     report.add_argument("--days", type=positive_int, default=7, help="how many days back (default 7)")
     report.add_argument("--zero", action="store_true", help="only searches that found nothing")

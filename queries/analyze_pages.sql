@@ -1,3 +1,3 @@
--- Refreshes the planner's statistics for pages after a bulk import whose
--- indexes were rebuilt (no GIN pending list to flush); returns nothing.
-ANALYZE pages
+-- Refreshes the planner's statistics for pages and the index tables after a
+-- bulk import rebuilt them (no GIN pending list to flush); returns nothing.
+ANALYZE pages, postings, term_stats, page_segments, corpus_stats

@@ -1,15 +1,13 @@
--- Removes rows whose url or title appears again later in the same source,
--- keeping the last one; returns each removed row's lineno and url.
+-- Removes rows whose url appears again later in the same source, keeping the
+-- last one; returns each removed row's lineno and url.
 DELETE FROM import_staging AS s
 USING (
     SELECT lineno
     FROM (
-        SELECT lineno,
-               row_number() OVER (PARTITION BY url ORDER BY lineno DESC) AS url_rank,
-               row_number() OVER (PARTITION BY title ORDER BY lineno DESC) AS title_rank
+        SELECT lineno, row_number() OVER (PARTITION BY url ORDER BY lineno DESC) AS url_rank
         FROM import_staging
     ) AS numbered
-    WHERE url_rank > 1 OR title_rank > 1
+    WHERE url_rank > 1
 ) AS duplicate
 WHERE s.lineno = duplicate.lineno
 RETURNING s.lineno, s.url

@@ -142,15 +142,19 @@ def client(app):
 
 @pytest.fixture
 def add_page(db):
-    """Factory: insert a page and return its id."""
+    """Factory: insert a page, index it as an import would (index=False
+    leaves it waiting in the index queue), and return its id."""
     counter = iter(range(1, 10_000))
 
-    def add(title, content="", language="en", url=None, last_updated="2025-01-01T00:00:00+00:00"):
+    def add(title, content="", language="en", url=None, last_updated="2025-01-01T00:00:00+00:00", index=True):
         url = url or f"https://example.org/{language}/{next(counter)}"
         row = db.execute(
             "INSERT INTO pages (title, url, language, last_updated, content) VALUES (%s, %s, %s, %s, %s) RETURNING id",
             (title, url, language, last_updated, content),
         ).fetchone()
+        if index:
+            with db.transaction():
+                whoknows.index_queued(db)
         return row["id"]
 
     return add

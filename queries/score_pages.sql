@@ -1,0 +1,35 @@
+-- Returns, for each of the pages %(page_ids)s, its exact score parts, from
+-- its own vector and the average body length that the index uses: terms,
+-- the places (1-based) in %(lexemes)s of the query terms it contains, with
+-- their impacts; phrases_ok, whether it matches every required phrase of
+-- %(phrases)s; excluded, whether it contains an excluded word of
+-- %(excluded)s. The vector is read from TOAST, and measured, once per page.
+WITH query AS (
+    SELECT lexeme, term::integer AS term
+    FROM unnest(%(lexemes)s::text[]) WITH ORDINALITY AS q(lexeme, term)
+),
+candidates AS MATERIALIZED (
+    SELECT p.id, p.search || ''::tsvector AS search
+    FROM pages AS p
+    WHERE p.id = ANY(%(page_ids)s::bigint[])
+),
+sized AS MATERIALIZED (
+    SELECT id, search, whoknows_body_length(search) AS body_length FROM candidates
+)
+SELECT s.id,
+       coalesce(t.terms, ARRAY[]::integer[]) AS terms,
+       coalesce(t.impacts, ARRAY[]::smallint[]) AS impacts,
+       (SELECT coalesce(bool_and(s.search @@ phraseto_tsquery(%(config)s::regconfig, phrase)), true)
+        FROM unnest(%(phrases)s::text[]) AS phrase) AS phrases_ok,
+       (SELECT coalesce(bool_or(s.search @@ plainto_tsquery(%(config)s::regconfig, word)), false)
+        FROM unnest(%(excluded)s::text[]) AS word) AS excluded
+FROM sized AS s
+LEFT JOIN LATERAL (
+    SELECT array_agg(q.term ORDER BY q.term) AS terms,
+           array_agg(whoknows_impact(
+               coalesce(cardinality(array_positions(u.weights, 'A')), 0),
+               cardinality(u.positions) - coalesce(cardinality(array_positions(u.weights, 'A')), 0),
+               s.body_length, %(average_length)s) ORDER BY q.term) AS impacts
+    FROM unnest(s.search) AS u
+    JOIN query AS q ON q.lexeme = u.lexeme
+) AS t ON true

@@ -1,0 +1,236 @@
+"""Ranking: BM25F behaviours, soft matching, exact top-k against an
+exhaustive evaluation, and statistics that follow every change."""
+
+import io
+import json
+import random
+
+import pytest
+import webtest
+
+import app as whoknows
+
+
+def titles(client, q, **params):
+    return [item["title"] for item in client.get("/api/search", {"q": q, **params}).json["data"]]
+
+
+def ranking(db, q, k=10, language="en", how="fast"):
+    """The top k page ids of a search: the fast path, every posting (exact), or every vector."""
+    search = whoknows.look_up(db, whoknows.parse_query(q), language)
+    if how == "vectors":
+        return [page_id for page_id, _, _ in whoknows.exhaustive_top(db, search, k)]
+    return [c.page_id for c in whoknows.Ranker(db, search, exhaustive=how == "exact").top(k)]
+
+
+# Behaviours of the ranking function ###########################################
+
+
+def test_a_rare_word_outweighs_a_common_one(client, add_page):
+    for n in range(8):
+        add_page(f"Filler {n}", "common words fill this page")
+    add_page("Has the common word", "a page with common in it and nothing else of note")
+    add_page("Has the rare word", "a page with fortran in it and nothing else of note")
+    assert titles(client, "common fortran")[:1] == ["Has the rare word"]
+
+
+def test_a_title_match_outweighs_a_body_match(client, add_page):
+    add_page("Other things", "this page mentions zebras once")
+    add_page("Zebras", "this page mentions others once")
+    assert titles(client, "zebras") == ["Zebras", "Other things"]
+
+
+def test_pages_with_all_words_outrank_pages_with_some(client, add_page):
+    add_page("Only one", "quantum quantum quantum quantum quantum, a short page")
+    add_page("Both words", "a much longer page about quantum things and their harbor, with many more words in it")
+    assert titles(client, "quantum harbor")[0] == "Both words"
+
+
+def test_a_shorter_page_with_the_same_matches_ranks_higher(client, add_page):
+    add_page("Long", "lantern " + " ".join(f"word{n}" for n in range(60)))
+    add_page("Short", "lantern and a few words")
+    assert titles(client, "lantern") == ["Short", "Long"]
+
+
+def test_danish_pages_are_ranked_with_the_danish_statistics(client, add_page, db):
+    # "kaffe" is on every Danish page but on one English page only: rare in
+    # English, common in Danish, so each language weighs it on its own.
+    for n in range(6):
+        add_page(f"Dansk {n}", f"kaffe og brød nummer {n}", language="da")
+    add_page("Dansk ost", "ost og brød", language="da")
+    add_page("English coffee", "kaffe is coffee", language="en")
+    for n in range(5):
+        add_page(f"English {n}", "bread and butter", language="en")
+    da = whoknows.look_up(db, whoknows.parse_query("kaffe ost"), "da")
+    weights = {t.lexeme: t.weight for t in da.terms}
+    assert weights["ost"] > weights["kaf"]  # kaffe is in 6 of 7 Danish pages, ost in 1
+    assert titles(client, "kaffe ost", language="da")[0] == "Dansk ost"
+    en = whoknows.look_up(db, whoknows.parse_query("kaffe"), "en")
+    assert en.terms[0].df == 1 and en.pages == 6 and da.pages == 7
+
+
+# Soft matching and the query syntax ##########################################
+
+
+def test_a_word_that_matches_nothing_still_shows_the_best_partial_matches(client, add_page):
+    add_page("Fortran", "Fortran is a language for numbers.")
+    add_page("Cobol", "Cobol is a language for business.")
+    body = client.get("/api/search", {"q": "fortran language xyzzyplugh"}).json
+    assert [item["title"] for item in body["data"]] == ["Fortran", "Cobol"]
+    page = client.get("/", {"q": "fortran language xyzzyplugh"}).text
+    assert "Missing: <s>xyzzyplugh</s>" in page
+
+
+def test_a_long_question_returns_results_and_over_the_limit_says_so(client, add_page):
+    add_page("Retrieval", "information retrieval of articles from titles")
+    question = "What problems are there in retrieving articles from approximate titles? " * 2
+    assert titles(client, question) == ["Retrieval"]
+    words = " ".join(f"filler{n}" for n in range(whoknows.MAX_QUERY_WORDS)) + " retrieval articles"
+    body = client.get("/api/search", {"q": words}).json
+    assert body["words_ignored"] == 2 and "Only the first 64 words were searched" in body["notice"]
+    assert body["data"] == []  # the words that would have matched were left out
+    page = client.get("/", {"q": words}).text
+    assert "Only the first 64 words were searched; 2 words were left out." in page
+    huge = client.get("/api/search", {"q": "retrieval " + "x" * 3000}).json
+    assert huge["words_ignored"] == 1 and [i["title"] for i in huge["data"]] == ["Retrieval"]
+
+
+def test_phrase_exclusion_and_or_still_work_with_soft_matching(client, add_page):
+    add_page("Exact", "the quick brown fox")
+    add_page("Scrambled", "brown quick fox")
+    add_page("Other", "a lazy dog")
+    assert titles(client, '"quick brown"') == ["Exact"]
+    assert titles(client, '"quick brown" lazy') == ["Exact"]  # the phrase is required, lazy is not
+    assert sorted(titles(client, "fox or dog")) == ["Exact", "Other", "Scrambled"]
+    assert titles(client, "fox -scrambled") == ["Exact"]
+    assert titles(client, "fox brown -quick") == []
+
+
+def test_a_partial_last_word_expands_to_its_most_frequent_completions_only(client, add_page, db):
+    add_page("JavaScript", "A language for the web.")
+    for n in range(whoknows.PREFIX_EXPANSIONS + 4):
+        # completions of "pla": plan0a, plan1a, ... each on n + 1 pages
+        for copy in range(n + 1):
+            add_page(f"Plan {n}-{copy}", f"pla{n}z text", index=False)
+    with db.transaction():
+        whoknows.index_queued(db)
+    assert titles(client, "javascr") == ["JavaScript"]
+    search = whoknows.look_up(db, whoknows.parse_query("pla"), "en")
+    kept = sorted(t.lexeme for t in search.terms)
+    assert len(kept) == whoknows.PREFIX_EXPANSIONS
+    assert "pla0z" not in kept and "pla11z" in kept  # the rarest completions are the ones left out
+    assert whoknows.parse_query("javascr").prefix == 0
+    assert whoknows.parse_query("javascr ").prefix is None  # a space after it: the word is finished
+    assert whoknows.parse_query("what is javascr?").prefix is None
+
+
+def test_unfinished_last_words_count_less_than_words_typed_in_full(client, add_page):
+    add_page("Java", "java island coffee")
+    add_page("Javanese", "javanese island coffee")
+    assert titles(client, "java") == ["Java", "Javanese"]
+
+
+# Exact top k ##################################################################
+
+
+WORDS = [f"w{n}" for n in range(40)]
+
+
+def random_page(rng, n):
+    """A page whose words follow a skewed distribution, some in the title."""
+    weights = [1 / (rank + 1) for rank in range(len(WORDS))]
+    body = rng.choices(WORDS, weights, k=rng.randint(3, 60))
+    title = " ".join(rng.choices(WORDS, weights, k=rng.randint(1, 3)))
+    return {"title": f"{title} {n}", "url": f"https://example.org/r/{n}", "language": "en", "content": " ".join(body)}
+
+
+def random_queries(rng):
+    queries = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) + " " for _ in range(40)]
+    queries += [f"w{rng.randint(0, 9)} w{rng.randint(10, 39)} " for _ in range(10)]
+    queries += ['"w0 w1" w2 ', "w0 -w1 ", "w3 or w30 w5 ", "w1", "w2", "w0 w1 w2 w3 w4 w5 w6 w7 "]
+    return queries
+
+
+@pytest.fixture
+def random_corpus(app, db, tmp_path, monkeypatch):
+    """300 pages imported in two imports and some single-page changes, so
+    that several segments and dead postings are in play."""
+    rng = random.Random(7)
+    pages = [random_page(rng, n) for n in range(300)]
+    monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 100)
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps(p) + "\n" for p in pages[:200]))
+    whoknows.import_file(app.db, first, out=io.StringIO())  # a bulk import: a full build
+    second = tmp_path / "second.jsonl"
+    second.write_text("".join(json.dumps(p) + "\n" for p in pages[200:]))
+    whoknows.import_file(app.db, second, out=io.StringIO())  # new segments
+    db.execute("UPDATE pages SET content = content || ' w0 w0' WHERE id % 17 = 0")
+    db.execute("DELETE FROM pages WHERE id % 23 = 0")
+    with db.transaction():
+        whoknows.index_queued(db)
+    state = db.execute(whoknows.sql("get_index_state")).fetchone()
+    assert state["segments"] >= 2 and state["dead"] > 0 and state["queued"] == 0
+    return rng
+
+
+@pytest.mark.parametrize("k", [1, 10, 31])
+def test_the_fast_path_finds_the_exact_top_k(db, random_corpus, k):
+    for q in random_queries(random_corpus):
+        exhaustive = ranking(db, q, k, how="vectors")
+        assert ranking(db, q, k) == exhaustive, q
+        assert ranking(db, q, k, how="exact") == exhaustive, q
+
+
+def test_a_deep_search_reads_more_rounds_and_still_agrees(db, random_corpus, monkeypatch):
+    monkeypatch.setattr(whoknows, "INITIAL_DEPTH", 2)
+    monkeypatch.setattr(whoknows, "RANDOM_ACCESS_LIMIT", 1)
+    rounds = []
+    for q in random_queries(random_corpus)[:20]:
+        search = whoknows.look_up(db, whoknows.parse_query(q), "en")
+        ranker = whoknows.Ranker(db, search)
+        top = [c.page_id for c in ranker.top(10)]
+        rounds.append(ranker.rounds)
+        assert top == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)], q
+    assert max(rounds) > 2  # the shallow start made it read deeper
+
+
+def test_pages_not_indexed_yet_are_found_and_ranked_exactly(client, add_page, db):
+    add_page("Indexed", "harbor lantern")
+    add_page("Waiting", "harbor lantern lantern", index=False)
+    assert db.execute("SELECT count(*) AS n FROM index_queue").fetchone()["n"] == 1
+    assert titles(client, "lantern") == ["Waiting", "Indexed"]
+    assert ranking(db, "lantern harbor") == ranking(db, "lantern harbor", how="vectors")
+
+
+# Statistics follow changes ###################################################
+
+
+def test_statistics_follow_single_page_changes(client, add_page, db, app):
+    first = add_page("One", "alpha beta")
+    add_page("Two", "alpha gamma")
+
+    def df(lexeme):
+        row = db.execute("SELECT df FROM term_stats WHERE language = 'en' AND lexeme = %s", (lexeme,)).fetchone()
+        return row["df"] if row else 0
+
+    assert (df("alpha"), df("beta"), df("gamma")) == (2, 1, 1)
+    db.execute("UPDATE pages SET content = 'gamma delta' WHERE id = %s", (first,))
+    assert (df("alpha"), df("beta"), df("gamma"), df("delta")) == (1, 0, 2, 1)
+    app.search_cache.clear()
+    assert titles(client, "delta") == ["One"]  # the change waits in the queue and is found
+    with db.transaction():
+        whoknows.index_queued(db)
+    assert titles(client, "delta") == ["One"] and titles(client, "beta") == []
+    db.execute("DELETE FROM pages WHERE id = %s", (first,))
+    assert (df("gamma"), df("delta")) == (1, 0)
+    assert db.execute("SELECT pages FROM corpus_stats WHERE language = 'en'").fetchone()["pages"] == 1
+    app.search_cache.clear()
+    assert titles(client, "gamma") == ["Two"]
+
+
+def test_other_processes_see_a_change_within_the_cache_time(make_app, add_page):
+    fresh = webtest.TestApp(make_app(search_cache_seconds=0))
+    add_page("Before", "searchable words")
+    assert [i["title"] for i in fresh.get("/api/search", {"q": "searchable"}).json["data"]] == ["Before"]
+    add_page("After", "searchable words")
+    assert len(fresh.get("/api/search", {"q": "searchable"}).json["data"]) == 2
