@@ -54,6 +54,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import bottle
 import dotenv
 import jinja2
+import numpy
 import prometheus_client
 import psycopg
 import psycopg.sql
@@ -940,17 +941,21 @@ PREFIX_EXPANSIONS = 8
 COMPLETION_WEIGHT = 0.5
 # A search reads each term's best postings first: INITIAL_DEPTH entries, four
 # times more at each of at most MAX_ROUNDS further rounds, then everything.
-# At most RANDOM_ACCESS_LIMIT pages a round are scored from their own vector
-# to settle their place; CANDIDATE_ROWS is how many candidates a round returns
-# beyond the k wanted.
-INITIAL_DEPTH = 512
+# Pages whose place is still open are scored from their own vector when
+# that is cheaper than reading deeper (RANDOM_ACCESS_LIMIT at least).
+INITIAL_DEPTH = 64
 MAX_ROUNDS = 4
 RANDOM_ACCESS_LIMIT = 64
-CANDIDATE_ROWS = 48
+# Looking a page up in its vector costs about as much as reading
+# ENTRIES_PER_CHECK entries (which terms it has) or ENTRIES_PER_RANDOM_ACCESS
+# (their impacts): measured at 100,000 pages, 16 µs and 100 µs a page.
+ENTRIES_PER_CHECK = 16
+ENTRIES_PER_RANDOM_ACCESS = 100
 # New pages that wait to be indexed are scored from their own vector: at
 # most QUEUE_SEARCH_LIMIT of them (imports and the crawler index as they go).
 QUEUE_SEARCH_LIMIT = 1000
 LEVEL_WIDTH = 256  # impacts (0..29999) per impact level in postings
+LEVELS = 30000 // LEVEL_WIDTH + 1
 # ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
 # characters before the first query word: room for its 35 words around it.
 SNIPPET_CHARS, SNIPPET_LEAD = 300, 60
@@ -1083,6 +1088,8 @@ class Search:
     terms: list
     pages: int
     average_length: float | None
+    has_dead: bool = False
+    has_queued: bool = False
 
     @property
     def group_count(self):
@@ -1152,21 +1159,27 @@ def look_up(conn, query, language):
     ).fetchall()
     pages = rows[0]["corpus_pages"] or 0 if rows else 0
     average = rows[0]["average_length"] if rows else None
+    has_dead = bool(rows and rows[0]["has_dead"])
+    has_queued = bool(rows and rows[0]["has_queued"])
     if average is None and pages:  # no index built yet: the exact average, as every path computes it
         average = conn.execute(sql("average_body_length"), {"language": language}).fetchone()["average"]
-    terms, seen = [], set()
-    for row in rows:
+    terms, seen, typed = [], set(), {}
+    for row in rows:  # the words typed come before the completions of each group
         key = (row["grp"], row["lexeme"])
         if key in seen or row["df"] == 0:  # a completion of the word itself, or a lexeme no page has
             continue
         seen.add(key)
         weight = 1000 * idf(row["df"], max(pages, row["df"]))
         if row["completion"]:
-            weight *= COMPLETION_WEIGHT
+            # A completion counts less than the word typed: less than its own
+            # weight, and less than the word itself when that is a lexeme too.
+            weight = COMPLETION_WEIGHT * min(weight, typed.get(row["grp"], weight))
+        else:
+            typed[row["grp"]] = max(typed.get(row["grp"], 0), weight)
         terms.append(
             Term(row["lexeme"], row["grp"], round(weight), row["df"], row["levels"] or [], row["level_counts"] or [])
         )
-    return Search(query, language, terms, pages, average)
+    return Search(query, language, terms, pages, average, has_dead, has_queued)
 
 
 @dataclasses.dataclass
@@ -1182,31 +1195,43 @@ class Candidate:
     exact: bool
 
 
+# array_send's binary form of a bigint[]: a header, then per element its
+# length and its value, big-endian.
+ENTRY = numpy.dtype([("length", ">i4"), ("value", ">i8")])
+TIER = 1 << 40  # above any score: a key of tier * TIER + score orders pages by (matches every group, score)
+
+
+def decode_entries(raw):
+    """Return the entries of a bigint[] in array_send's binary form as an int64 array."""
+    if int.from_bytes(raw[:4], "big") == 0:  # no dimensions: empty
+        return numpy.empty(0, numpy.int64)
+    return numpy.frombuffer(raw, ENTRY, offset=20)["value"].astype(numpy.int64)
+
+
 class Ranker:
     """Finds the top k pages of a search exactly, reading as little as it can.
 
     The ranking key of a page is (matches every group, score, lower id
     first), score = the sum over groups of the group's best weight * impact.
-    Each round reads every term's postings from its best impact level down to
-    a depth, which bounds every impact not read yet. It stops once no page
-    outside the best k can overtake them, after scoring the uncertain ones
-    from their own vectors (random access); else it reads four times deeper.
-    exhaustive reads every posting at once (the check of the fast path).
+    Each round reads every term's postings a band of impact levels deeper,
+    which bounds every impact not read yet. It stops once no page outside
+    the best k can overtake them, after looking the open ones up in their
+    own vectors; else it reads four times deeper. exhaustive reads every
+    posting at once (the check of the fast path).
     """
 
     def __init__(self, conn, search, exhaustive=False):
         self.conn, self.search = conn, search
         self.exhaustive = exhaustive
+        count = len(search.terms)
+        self.entries = [[] for _ in range(count)]  # per term: int64 arrays of entries read
+        self.read_to = [LEVELS] * count  # each term's lowest level read so far
+        self.bounds = [math.inf] * count  # each term's highest impact not read
+        self.present = {}  # page id -> the indexes of the query terms its vector contains (checked pages)
         self.exact = {}  # page id -> Candidate scored from its vector
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
-        self.extra_rows = CANDIDATE_ROWS
-        self.random_accesses = 0
-        self.rounds = 0
-
-    def key(self, candidate):
-        """The lowest ranking key a candidate can have (higher is better)."""
-        return (candidate.matched == self.search.all_groups, candidate.low)
+        self.checks = self.random_accesses = self.rounds = self.entries_read = 0
 
     def top(self, k):
         """Return the best k Candidates, best first (fewer when fewer pages match)."""
@@ -1216,71 +1241,154 @@ class Ranker:
         depth = math.inf if self.exhaustive else INITIAL_DEPTH
         while True:
             self.rounds += 1
-            decided = self.decide(*self.round(depth, k), k)
+            self.read(depth)
+            # The next round would read about three times what is read so
+            # far: look pages up in their vectors for as much instead.
+            budget = max(RANDOM_ACCESS_LIMIT * ENTRIES_PER_RANDOM_ACCESS, 3 * self.entries_read)
+            decided = self.decide(k, budget)
             if decided is not None:
                 return decided
-            if depth == math.inf:
-                self.extra_rows *= 4  # everything is read: the answer is among more rows
-            else:
-                depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
+            depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
 
-    def round(self, depth, k):
-        """Read the postings to depth; return the candidates, the highest keys
-        (may match every group, score) that pages not among them can have,
-        and whether pages were seen beyond the rows returned."""
+    def read(self, depth):
+        """Read every term's postings down to depth entries (whole levels)."""
         search = self.search
         plans = [term.plan(depth) for term in search.terms]
-        bounds = {}
-        for term, (_, bound) in zip(search.terms, plans):
-            bounds[term.group] = max(bounds.get(term.group, 0), term.weight * bound)
-        multi = {g for g in range(search.group_count) if sum(t.group == g for t in search.terms) > 1}
-        limit = k + len(self.rejected) + len(self.exact) + self.extra_rows
-        params = {**search.params(), "min_levels": [level for level, _ in plans], "limit": limit}
-        candidates, rest_low = [], None
-        for row in self.conn.execute(sql("rank_candidates"), params).fetchall():
-            if row["page_id"] is None:
-                rest_low = row["low"] if row["matched"] else None
-            elif row["page_id"] not in self.exact and row["page_id"] not in self.rejected:
-                low, matched = int(row["low"]), int(row["matched"])
-                # A group not known to occur may still, up to its bound; a group
-                # of several terms may score higher through a term not read yet.
-                open_groups = [g for g in range(search.group_count) if not matched >> g & 1 or g in multi]
-                high = low + sum(bounds.get(g, 0) for g in open_groups)
-                may_all = all(matched >> g & 1 or bounds.get(g, 0) > 0 for g in range(search.group_count))
-                exact = high == low and (matched == search.all_groups) == may_all and not self.filters
-                candidates.append(Candidate(row["page_id"], low, high, matched, may_all, exact))
-        total = sum(bounds.values())
-        outside = []
-        if total:  # a page no read posting names scores at most every bound
-            outside.append((all(bounds.get(g, 0) > 0 for g in range(search.group_count)), total))
-            if rest_low is not None:  # seen, not returned: its known part is at most the best left out
-                outside.append((True, int(rest_low) + total))
-        # With everything read, pages not returned rank below every page returned.
-        return candidates, outside, rest_low is not None and not total
+        lows = [min(level, upper) for (level, _), upper in zip(plans, self.read_to)]
+        params = {
+            "language": search.language,
+            "lexemes": search.lexemes,
+            "min_levels": lows,
+            "max_levels": self.read_to,
+        }
+        rows = [
+            (row["term"] - 1, row["segment"], decode_entries(row["entries"]))
+            for row in self.conn.execute(sql("fetch_postings"), params, binary=True)
+        ]
+        if search.has_dead and rows:
+            rows = self.without_dead(rows)
+        for term, _, entries in rows:
+            self.entries[term].append(entries)
+            self.entries_read += len(entries)
+        self.read_to = lows
+        self.bounds = [min(bound, plan[1]) for bound, plan in zip(self.bounds, plans)]
 
-    def decide(self, candidates, outside, more_rows, k):
-        """Return the top k if this round settles it (scoring uncertain pages
-        from their vectors as needed), or None to read deeper (or more rows)."""
-        everyone = candidates + list(self.exact.values())
-        lower = sorted(everyone, key=self.key, reverse=True)
-        if len(lower) >= k:
-            kth = self.key(lower[k - 1])
-            if any(bound >= kth for bound in outside):
-                return None  # a page not among the candidates might still belong in the top k
-            contenders = [c for c in everyone if (c.may_match_all, c.high) >= kth]
-        elif outside or more_rows:
-            return None  # fewer than k known, and more pages may match
+    def without_dead(self, rows):
+        """Return the rows without the entries that belong to a page's old text."""
+        pages = numpy.unique(numpy.concatenate([entries >> 32 for _, _, entries in rows]))
+        dead = self.conn.execute(sql("find_dead_postings"), {"page_ids": pages.tolist()}).fetchall()
+        if not dead:
+            return rows
+        pairs = {(row["segment"], row["page_id"]) for row in dead}
+        kept = []
+        for term, segment, entries in rows:
+            gone = [page for seg, page in pairs if seg == segment]
+            kept.append((term, segment, entries[~numpy.isin(entries >> 32, gone)] if gone else entries))
+        return kept
+
+    def state(self):
+        """Every page read from postings, with what it scores at least and at most:
+        (pages, low, high, matched groups, may match every group, exact)."""
+        search, count = self.search, self.search.group_count
+        per_term = [numpy.concatenate(chunks) if chunks else numpy.empty(0, numpy.int64) for chunks in self.entries]
+        everything = numpy.concatenate(per_term)
+        pages, where = numpy.unique(everything >> 32, return_inverse=True)
+        n = len(pages)
+        score = numpy.zeros((count, n), numpy.int64)
+        matched = numpy.zeros((count, n), bool)
+        floor = numpy.zeros(n, numpy.int64)
+        possible = [numpy.ones(n, bool) for _ in search.terms]  # the term may name the page, unread
+        start = 0
+        for term, entries in zip(search.terms, per_term):
+            at = where[start : start + len(entries)]
+            start += len(entries)
+            group = term.group
+            score[group, at] = numpy.maximum(score[group, at], term.weight * (entries >> 16 & 65535))
+            matched[group, at] = True
+            floor[at] = entries & 65535
+        lowest = score.copy()
+        if self.present:  # checked pages: the terms their vectors lack cannot name them
+            checked = numpy.searchsorted(pages, list(self.present))
+            for index, page in zip(checked, self.present):
+                if index < n and pages[index] == page:
+                    for term_index, term in enumerate(search.terms):
+                        if term_index not in self.present[page]:
+                            possible[term_index][index] = False
+                        else:  # present: it scores at least its floor
+                            matched[term.group, index] = True
+                            lowest[term.group, index] = max(lowest[term.group, index], term.weight * floor[index])
+        reach = numpy.zeros((count, n), numpy.int64)
+        for term, bound, can in zip(search.terms, self.bounds, possible):
+            if bound > 0:
+                # Unread entries are at most the bound; a page whose floor is above it lacks the term.
+                reach[term.group] = numpy.maximum(
+                    reach[term.group], numpy.where(can & (floor <= bound), term.weight * bound, 0)
+                )
+        low = lowest.sum(axis=0)
+        high = numpy.maximum(score, reach).sum(axis=0)  # an entry read is above its term's bound
+        full = matched.all(axis=0)
+        may_all = (matched | (reach > 0)).all(axis=0)
+        checked_mask = numpy.isin(pages, list(self.present)) if self.present else numpy.zeros(n, bool)
+        exact = (high == low) & (full == may_all) & (checked_mask if self.filters else True)
+        bits = (matched * (1 << numpy.arange(count))[:, None]).sum(axis=0)
+        return pages, low, high, bits, full, may_all, exact
+
+    def decide(self, k, budget):
+        """Return the top k if what is read settles it, or None to read deeper.
+
+        The pages whose place is still open are looked up in their own
+        vectors (which terms they contain), then scored from them, as long as
+        that costs less than budget entries read.
+        """
+        search, all_groups = self.search, self.search.all_groups
+        pages, low, high, bits, full, may_all, exact = self.state()
+        keep = ~numpy.isin(pages, list(self.rejected | set(self.exact)))
+        pages, low, high, bits, full, may_all, exact = (a[keep] for a in (pages, low, high, bits, full, may_all, exact))
+        scored = list(self.exact.values())
+        lower = numpy.concatenate([full * TIER + low, [(c.matched == all_groups) * TIER + c.low for c in scored]])
+        upper = numpy.concatenate([may_all * TIER + high, [(c.matched == all_groups) * TIER + c.low for c in scored]])
+        most = [0] * search.group_count
+        for term, bound in zip(search.terms, self.bounds):
+            if bound > 0:
+                most[term.group] = max(most[term.group], term.weight * bound)
+        unseen = all(most) * TIER + sum(most)  # a page no read posting names
+        if len(lower) < k:
+            if sum(most):
+                return None  # fewer than k known, and pages not read yet may match
+            kth = -1
         else:
-            contenders = everyone
-        uncertain = [c for c in contenders if not c.exact]
-        if len(uncertain) > RANDOM_ACCESS_LIMIT and not self.exhaustive:
-            return None  # cheaper to read deeper than to score them one by one
-        if uncertain:
-            self.score_pages([c.page_id for c in uncertain])
-            remaining = [c for c in candidates if c.page_id not in self.exact and c.page_id not in self.rejected]
-            return self.decide(remaining, outside, more_rows, k)
-        ranked = sorted(contenders, key=lambda c: (-(c.matched == self.search.all_groups), -c.low, c.page_id))
+            kth = numpy.partition(lower, len(lower) - k)[len(lower) - k]
+            if sum(most) and unseen >= kth:
+                return None  # a page not read yet might still belong in the top k
+        contending = upper[: len(pages)] >= kth
+        open_pages = pages[contending & ~exact].tolist()
+        unchecked = [page for page in open_pages if page not in self.present]
+        if unchecked and (self.exhaustive or len(unchecked) * ENTRIES_PER_CHECK <= budget):
+            self.check_pages(unchecked)
+            return self.decide(k, budget - len(unchecked) * ENTRIES_PER_CHECK)
+        if open_pages and (self.exhaustive or len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget):
+            self.score_pages(open_pages)
+            return self.decide(k, budget - len(open_pages) * ENTRIES_PER_RANDOM_ACCESS)
+        if open_pages:
+            return None  # cheaper to read deeper than to look the pages up one by one
+        chosen = numpy.flatnonzero(contending)
+        contenders = [
+            Candidate(int(pages[i]), int(low[i]), int(low[i]), int(bits[i]), bool(full[i]), True) for i in chosen
+        ]
+        contenders += [c for c in scored if (c.matched == all_groups) * TIER + c.low >= kth]
+        ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
         return ranked[:k]
+
+    def check_pages(self, page_ids):
+        """Look up which query terms these pages contain (and check the filters)."""
+        self.checks += len(page_ids)
+        rows = self.conn.execute(sql("check_pages"), {**self.search.params(), "page_ids": page_ids}).fetchall()
+        for row in rows:
+            if not row["phrases_ok"] or row["excluded"]:
+                self.rejected.add(row["id"])
+            else:
+                self.present[row["id"]] = {term - 1 for term in row["terms"]}
+        self.rejected.update(set(page_ids) - set(self.present) - self.rejected)  # deleted meanwhile
 
     def score_pages(self, page_ids):
         """Score pages exactly from their own vectors (and check the filters)."""
@@ -1293,10 +1401,13 @@ class Ranker:
             matched, score = self.search.score(row["terms"], row["impacts"])
             full = matched == self.search.all_groups
             self.exact[row["id"]] = Candidate(row["id"], score, score, matched, full, True)
+        self.rejected.update(set(page_ids) - set(self.exact) - self.rejected)  # deleted meanwhile
 
     def score_queued(self):
         """Score the new pages that wait to be indexed (they have no postings yet)."""
         search = self.search
+        if not search.has_queued:
+            return
         params = {"language": search.language, "lexemes": search.lexemes, "limit": QUEUE_SEARCH_LIMIT}
         queued = [row["page_id"] for row in self.conn.execute(sql("find_queued_pages"), params)]
         if queued:

@@ -28,25 +28,27 @@ ALTER TABLE pages DROP CONSTRAINT pages_title_key;
 DROP INDEX pages_search_idx;
 ALTER TABLE pages DROP COLUMN title_search;
 
--- The body length of a page vector: its positions that are not title ('A')
--- positions (stop words take no position in a tsvector).
+-- The length of a page, for BM25's length normalisation: the number of
+-- distinct lexemes in its vector (title and body). Counting every position
+-- instead scored a little better on CISI, but costs an unnest of the whole
+-- vector per page, at every index build and every page scored from its
+-- vector; length() reads the vector's header.
 CREATE FUNCTION whoknows_body_length(vector tsvector) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT coalesce(sum(cardinality(positions) - coalesce(cardinality(array_positions(weights, 'A')), 0)), 0)::integer
-    FROM unnest(vector)
+    SELECT length(vector)
 $$;
 
--- BM25F's term-frequency part, times 10000 (0..29999): title occurrences
--- count twice (not length-normalised: titles are short), body occurrences
--- are normalised by the body length against the average (b = 0.75), and
--- the sum saturates with k1 = 2.0. These values scored best on the CISI
--- collection (bench/README.md has the figures). One expression, so that
--- PostgreSQL inlines it.
+-- BM25F's term-frequency part, in 0..29999: title occurrences count three
+-- times (not length-normalised: titles are short), body occurrences are
+-- normalised by the page length against the average (b = 0.75), and the sum
+-- saturates with k1 = 2.5 (Lucene's form, without BM25's constant (k1 + 1)
+-- factor). These values scored best on the CISI collection (bench/README.md
+-- has the figures). One expression, so that PostgreSQL inlines it.
 CREATE FUNCTION whoknows_impact(tf_title integer, tf_body integer, body_length integer, average_length float8)
 RETURNS smallint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT round(30000 * (2 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length))
-                 / (2 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length) + 2.0))::smallint
+    SELECT round(30000 * (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length))
+                 / (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length) + 2.5))::smallint
 $$;
 
 -- Per language: how many pages there are (exact, kept by the triggers), and
@@ -81,7 +83,8 @@ CREATE TABLE index_segments (
     built_at timestamptz NOT NULL DEFAULT now()
 );
 
--- entries packs each page with its impact: page id * 65536 + impact.
+-- entries packs each page with its impact and its floor (the lowest impact
+-- any lexeme of the page can have): page id * 2^32 + impact * 2^16 + floor.
 CREATE TABLE postings (
     language text NOT NULL,
     lexeme   text COLLATE "C" NOT NULL,
