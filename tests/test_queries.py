@@ -1,4 +1,4 @@
-"""Every query file is documented, parameterized, and used by the app."""
+"""Every query file is documented, parameterized, and used by the app or the crawler."""
 
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import app as whoknows
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERY_FILES = sorted((ROOT / "queries").glob("*.sql"))
+USERS = ("app.py", "crawler.py")  # the modules that run queries
 
 
 @pytest.mark.parametrize("path", QUERY_FILES, ids=lambda p: p.name)
@@ -15,7 +16,8 @@ def test_query_file_is_documented_and_used(path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("-- "), "the first line documents what the query returns"
     assert "{" not in text.replace("'{a}'", ""), "no templating: values go in as %(name)s"
-    assert f'sql("{path.stem}")' in (ROOT / "app.py").read_text(encoding="utf-8"), "unused query file"
+    code = "".join((ROOT / name).read_text(encoding="utf-8") for name in USERS)
+    assert f'sql("{path.stem}")' in code, "unused query file"
 
 
 def test_unknown_query_fails_loudly():
