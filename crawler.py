@@ -56,6 +56,7 @@ MAX_ROBOTS_DELAY = 60.0  # a larger Crawl-delay is capped: one page a minute is 
 BATCH_PAGES = 20  # pages written to the index together...
 BATCH_SECONDS = 2.0  # ...or after this long, whichever comes first
 PROGRESS_SECONDS = 5.0
+IDLE_FLUSH_SECONDS = 0.5  # a worker with nothing to claim for this long writes the batch at once
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
 TEXT_TYPES = {"text/plain"}
 
@@ -823,9 +824,14 @@ class Indexer:
         with self.lock:
             self.waiting.append(outcome)
             self.since = self.since or time.monotonic()
-            due = len(self.waiting) >= BATCH_PAGES or time.monotonic() - self.since >= BATCH_SECONDS
-        if due:
+        if self.is_due():
             self.flush()
+
+    def is_due(self):
+        """True when the waiting batch is full or old enough to be written."""
+        with self.lock:
+            full = len(self.waiting) >= BATCH_PAGES
+            return full or (self.since is not None and time.monotonic() - self.since >= BATCH_SECONDS)
 
     def flush(self):
         """Write every waiting outcome now."""
@@ -846,14 +852,16 @@ class Indexer:
         removed = [url for o in batch for url in o.remove]
         if removed:
             conn.execute(sql("delete_pages_by_url"), {"urls": removed})
+        for outcome in batch:
+            self.record(conn, outcome)
         if pages:
+            # Last: an index build may change planner settings for the rest
+            # of the transaction (enable_sort off made enqueuing take a second).
             out = io.StringIO()
             whoknows.import_pages(conn, [(n, o.page, None) for n, o in enumerate(pages, 1)], out)
             for line in out.getvalue().splitlines():
                 if line.startswith("skipped"):
                     log.warning("index: %s", line)
-        for outcome in batch:
-            self.record(conn, outcome)
         self.counts.add_batch(batch)
 
     def without_duplicates(self, conn, pages):
@@ -967,7 +975,10 @@ class Crawl:
         )
         self.fetcher = Fetcher(settings.crawler_user_agent, timeouts, options.allow_private)
         self.robots = RobotsCache(database, self.fetcher)
-        self.lease = max(settings.crawler_lease_seconds, timeouts.total * 2)
+        # A URL stays leased while it is fetched and while its outcome waits
+        # in a batch: the lease must outlast both, or another crawler would
+        # fetch it again.
+        self.lease = max(settings.crawler_lease_seconds, timeouts.total + BATCH_SECONDS + 1)
         self.stopping = threading.Event()
         self.error = None
         self.progress_stream = progress_stream
@@ -1014,13 +1025,14 @@ class Crawl:
             while not self.stopping.is_set():
                 row = self.frontier.claim(self.lease)
                 if row is None:
-                    # Nothing to fetch right now: write what waits, so that
-                    # links become claimable and pages searchable.
-                    self.indexer.flush()
                     waiting, wait = self.frontier.outlook()
                     if waiting == 0:
                         return
-                    time.sleep(min(max(wait or 0.0, 0.01), 0.25))
+                    if wait is None or wait > IDLE_FLUSH_SECONDS or self.indexer.is_due():
+                        # Nothing to fetch soon: write what waits now, so that
+                        # its links become claimable and its pages searchable.
+                        self.indexer.flush()
+                    time.sleep(min(max(wait or 0.0, 0.005), 0.1))
                     continue
                 self.indexer.add(self.visit(row))
         except Exception as exc:  # a database outage, or a bug: stop the crawl, report it once
