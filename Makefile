@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test migrate import clean bench relevance verify lint
+.PHONY: run test migrate import clean bench bench-crawl relevance verify lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ clean:  ## remove the virtualenv (the data in .data/ stays)
 N ?= 100000
 bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-get install wrk)
 	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
+
+PAGES ?= 10000
+bench-crawl: $(STAMP)  ## the crawl benchmark: crawl PAGES local pages (politeness off), then import them (bench/README.md)
+	$(BIN)/python bench/crawl.py --pages $(PAGES) $(BENCH_CRAWL_ARGS)
 
 relevance: $(STAMP)  ## the relevance benchmark on CISI, against a BM25 anchor (bench/README.md)
 	$(BIN)/python bench/relevance.py $(RELEVANCE_ARGS)

@@ -762,11 +762,15 @@ class Frontier:
     def claim(self, lease):
         """Lease the best due URL (and its host) for lease seconds; return its row or None."""
         with self.database.connection() as conn:
+            # Two commits a page (claim, release): waiting for each to reach
+            # disk was most of a claim's time, and losing one is harmless.
+            conn.execute(sql("set_async_commit"))
             return conn.execute(sql("claim_crawl_url"), {"lease": lease}).fetchone()
 
     def release(self, host, delay):
         """End the request in flight to host; the next may start after delay seconds."""
         with self.database.connection() as conn:
+            conn.execute(sql("set_async_commit"))
             conn.execute(sql("release_crawl_host"), {"host": host, "delay": delay})
 
     def outlook(self):
