@@ -680,34 +680,51 @@ def page_outcome(row, response, extracted, scope):
     """Return the Outcome of a page that was fetched and read."""
     url, status = response.url, response.status
     follow = [link for link in extracted.links if scope.allows(link)]
-    validators = dict(etag=response.headers.get("ETag"), last_modified=response.headers.get("Last-Modified"))
-    if extracted.noindex:
-        outcome = skipped(row, "noindex", "meta robots noindex", status, url)
-    elif extracted.canonical and extracted.canonical != url:
-        outcome = skipped(row, "canonical", f"canonical is {extracted.canonical}", status, url)
-        follow = [extracted.canonical] + follow if scope.allows(extracted.canonical) else follow
-    elif extracted.language not in whoknows.LANGUAGES:
-        outcome = skipped(row, "language", f"language {extracted.language or 'unknown'}", status, url)
+    reason = skip_reason(extracted, url)
+    if reason is None:
+        outcome = indexed_outcome(row, response, extracted)
     else:
-        record = {
-            "title": extracted.title or url,
-            "url": url,
-            "language": extracted.language,
-            "last_updated": last_updated(response),
-            "content": extracted.text[: whoknows.MAX_CONTENT_LENGTH],
-        }
-        try:
-            whoknows.validate_page(record)
-        except ValueError as exc:
-            return skipped(row, "invalid", str(exc), status, url)
-        digest = content_hash(record["title"], record["content"])
-        outcome = Outcome(row["url"], row["host"], row["depth"], "done", "indexed", status, **validators)
-        outcome.content_hash, outcome.page, outcome.page_url, outcome.indexed = digest, record, url, True
+        outcome = skipped(row, *reason, status, url)
+        if reason[0] == "canonical" and scope.allows(extracted.canonical):
+            follow.insert(0, extracted.canonical)
     if response.redirects:
         outcome.note = f"redirected to {url}" + (f"; {outcome.note}" if outcome.note else "")
-    outcome.etag, outcome.last_modified = validators["etag"], validators["last_modified"]
+    outcome.etag, outcome.last_modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
     outcome.links = follow
     return outcome
+
+
+def skip_reason(extracted, url):
+    """Return (kind, note) when a page is not to be indexed, else None."""
+    if extracted.noindex:
+        return "noindex", "meta robots noindex"
+    if extracted.canonical and extracted.canonical != url:
+        return "canonical", f"canonical is {extracted.canonical}"
+    if extracted.language not in whoknows.LANGUAGES:
+        return "language", f"language {extracted.language or 'unknown'}"
+    return None
+
+
+def indexed_outcome(row, response, extracted):
+    """Return the Outcome of a page to index, or to keep as it is when a
+    recrawl finds the same text (a new last_updated would re-index it for nothing)."""
+    url = response.url
+    record = {
+        "title": extracted.title or url,
+        "url": url,
+        "language": extracted.language,
+        "last_updated": last_updated(response),
+        "content": extracted.text[: whoknows.MAX_CONTENT_LENGTH],
+    }
+    try:
+        whoknows.validate_page(record)
+    except ValueError as exc:
+        return skipped(row, "invalid", str(exc), response.status, url)
+    digest = content_hash(record["title"], record["content"])
+    done = (row["url"], row["host"], row["depth"], "done")
+    if digest == row["content_hash"] and row["indexed"] and url == row["url"]:
+        return Outcome(*done, "unchanged", response.status, "same content", content_hash=digest, indexed=True)
+    return Outcome(*done, "indexed", response.status, content_hash=digest, indexed=True, page=record, page_url=url)
 
 
 def last_updated(response):
@@ -1218,7 +1235,9 @@ def crawl(settings, args, out=sys.stdout, progress=sys.stderr):
             if args.recrawl:
                 requeued = conn.execute(sql("requeue_crawled_urls")).fetchone()["requeued"]
                 print(f"Queued {requeued:,} known URLs again", file=out, flush=True)
-            frontier.enqueue(conn, seeds, 0, priority=1)
+            added = frontier.enqueue(conn, seeds, 0, priority=1)
+        if seeds and not added and frontier.outlook()[0] == 0:
+            print("The seeds are known and nothing waits: nothing to fetch (--recrawl fetches again)", file=out)
         started = time.monotonic()
         counts = Crawl(database, options, progress).run()
         seconds = time.monotonic() - started
