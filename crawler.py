@@ -55,6 +55,9 @@ ROBOTS_SECONDS = 24 * 3600  # how long a fetched robots.txt is trusted
 MAX_ROBOTS_DELAY = 60.0  # a larger Crawl-delay is capped: one page a minute is the least we ask for
 BATCH_PAGES = 20  # pages written to the index together...
 BATCH_SECONDS = 2.0  # ...or after this long, whichever comes first
+# While one batch is written (the index work takes most of the time), the
+# next grows; workers wait for the writer only beyond MAX_WAITING outcomes.
+MAX_WAITING = 500
 PROGRESS_SECONDS = 5.0
 IDLE_FLUSH_SECONDS = 0.5  # a worker with nothing to claim for this long writes the batch at once
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
@@ -830,7 +833,8 @@ class Limits:
 
 class Indexer:
     """Collects outcomes and writes them in batches (BATCH_PAGES, or after
-    BATCH_SECONDS, or whenever the workers run out of work): pages through
+    BATCH_SECONDS, or whenever the workers run out of work; larger while the
+    previous batch is being written): pages through
     app.import_pages, removals, the frontier rows and the new links, in one
     transaction, so that a crash loses a batch whole (its URLs' leases run out
     and they are fetched again) and never half of one."""
@@ -841,12 +845,14 @@ class Indexer:
         self.lock, self.write_lock = threading.Lock(), threading.Lock()
 
     def add(self, outcome):
-        """Queue an outcome; write the batch if it is full or old."""
+        """Queue an outcome; write the batch if it is full or old, unless
+        another thread is writing one (then the next batch grows meanwhile)."""
         with self.lock:
             self.waiting.append(outcome)
             self.since = self.since or time.monotonic()
-        if self.is_due():
-            self.flush()
+            backlog = len(self.waiting) >= MAX_WAITING
+        if backlog or self.is_due():
+            self.flush(wait=backlog)
 
     def is_due(self):
         """True when the waiting batch is full or old enough to be written."""
@@ -854,14 +860,19 @@ class Indexer:
             full = len(self.waiting) >= BATCH_PAGES
             return full or (self.since is not None and time.monotonic() - self.since >= BATCH_SECONDS)
 
-    def flush(self):
-        """Write every waiting outcome now."""
-        with self.write_lock:
+    def flush(self, wait=True):
+        """Write every waiting outcome now. With wait false, return at once
+        if another thread is writing: it, or the next flush, takes them."""
+        if not self.write_lock.acquire(blocking=wait):
+            return
+        try:
             with self.lock:
                 batch, self.waiting, self.since = self.waiting, [], None
             if batch:
                 with self.database.transaction() as conn:
                     self.write(conn, batch)
+        finally:
+            self.write_lock.release()
 
     def write(self, conn, batch):
         """Write one batch in conn's transaction."""
@@ -1052,7 +1063,7 @@ class Crawl:
                     if wait is None or wait > IDLE_FLUSH_SECONDS or self.indexer.is_due():
                         # Nothing to fetch soon: write what waits now, so that
                         # its links become claimable and its pages searchable.
-                        self.indexer.flush()
+                        self.indexer.flush(wait=False)
                     time.sleep(min(max(wait or 0.0, 0.005), 0.1))
                     continue
                 self.indexer.add(self.visit(row))

@@ -198,6 +198,15 @@ def test_limits_on_pages_depth_and_hosts(site, run, db):
     assert len(frontier(db)) == 3
 
 
+def test_a_crawl_delay_below_delay_does_not_lower_it(site, run):
+    generated_site(site, 3)
+    site.add("/robots.txt", "User-agent: *\nCrawl-delay: 0.01\n", content_type="text/plain")
+    assert run(site.url("/g/1"), "--allow-private", "--delay", "0.2")[0] == 0
+    starts = [t for t, _ in site.starts]
+    assert len(starts) == 4  # robots.txt and three pages
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.19
+
+
 def test_other_hosts_are_crawled_only_when_allowed(run, db):
     first, second = generated_site(Site().start(), 3), generated_site(Site().start(), 3, word="kiwi")
     try:
