@@ -11,6 +11,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +100,10 @@ def test_a_crawl_of_the_trap_site(site, run, db, app, caplog):
     with caplog.at_level(logging.WARNING, logger="whoknows.crawler"):
         status, printed = run(site.url("/"), "--allow-private", "--delay", "0.05")
     assert status == 0, printed
-    assert "crawled: fetched" in printed and "pages/s" in printed
+    assert re.search(r"crawl: fetched \d+, queued \d+, errors \d+, [\d.]+ pages/s", printed)  # progress
+    counts = printed.split("crawled: ")[1].splitlines()[0]  # the counts at the end
+    for count in ("indexed 25", "language 1", "duplicate 1", "noindex 1", "robots 1", "gone 2", "failed 3"):
+        assert count in counts, counts
 
     indexed = {url.removeprefix(site.base) for url in pages(db)}
     generated = {f"/page/{n}" for n in range(1, GENERATED + 1)}
