@@ -943,13 +943,16 @@ COMPLETION_WEIGHT = 0.5
 # times more at each of at most MAX_ROUNDS further rounds, then everything.
 # Pages whose place is still open are scored from their own vector when
 # that is cheaper than reading deeper (RANDOM_ACCESS_LIMIT at least).
-INITIAL_DEPTH = 64
+INITIAL_DEPTH = 256
 MAX_ROUNDS = 4
 RANDOM_ACCESS_LIMIT = 64
 # Looking a page up in its vector costs about as much as reading
 # ENTRIES_PER_CHECK entries (which terms it has) or ENTRIES_PER_RANDOM_ACCESS
-# (their impacts): measured at 100,000 pages, 16 µs and 100 µs a page.
-ENTRIES_PER_CHECK = 16
+# (their impacts). Chosen by alternating runs of 400-500 distinct queries of
+# bench/'s mix at 100,000 pages (bench/README.md): a check reads the page's
+# vector from TOAST, about 16 µs, while an entry read in bulk costs about
+# 0.15 µs; 16 and 64 entries cost 20 % and 8 % more time over the mix.
+ENTRIES_PER_CHECK = 100
 ENTRIES_PER_RANDOM_ACCESS = 100
 # New pages that wait to be indexed are scored from their own vector: at
 # most QUEUE_SEARCH_LIMIT of them (imports and the crawler index as they go).
@@ -2584,13 +2587,14 @@ def import_pages(conn, records, out):
         # afterwards instead of updated row by row (several times faster).
         # Searches wait for the import to commit meanwhile, which suits a
         # first load.
-        conn.execute(sql("set_bulk_load"))
+        conn.execute(sql("disable_page_triggers"))
         indexes = conn.execute(sql("list_page_search_indexes")).fetchall()
         for index in indexes:
             # An index name from the catalog, quoted as an identifier by psycopg.sql.
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
     if bulk:
+        conn.execute(sql("enable_page_triggers"))
         progress.note("rebuilding the title index...")
         conn.execute(sql("set_index_build_memory"), {"memory": BUILD_MEMORY})
         for index in indexes:

@@ -115,15 +115,13 @@ CREATE TABLE index_queue (
 
 -- The triggers: statement-level, with transition tables, so a statement
 -- that writes many pages costs one aggregate, not one call per row. A bulk
--- import sets whoknows.bulk_load and rebuilds the statistics and the whole
--- index itself (cheaper than following a million rows here).
+-- import disables them for its transaction (ALTER TABLE ... DISABLE TRIGGER
+-- USER; PostgreSQL would otherwise still copy every written row into the
+-- transition tables) and rebuilds the statistics and the whole index itself.
 
 CREATE FUNCTION whoknows_pages_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     INSERT INTO index_queue (page_id) SELECT id FROM new_pages ON CONFLICT DO NOTHING;
     INSERT INTO corpus_stats AS c (language, pages)
     SELECT language, count(*) FROM new_pages GROUP BY language
@@ -142,9 +140,6 @@ $$;
 CREATE FUNCTION whoknows_pages_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     -- A changed page's postings describe its old text: they die now, and the
     -- page waits in the queue, where searches score it from its new text.
     WITH changed AS (
@@ -185,9 +180,6 @@ $$;
 CREATE FUNCTION whoknows_pages_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     INSERT INTO dead_postings (segment, page_id)
     SELECT s.segment, s.page_id FROM page_segments AS s JOIN old_pages AS o ON o.id = s.page_id
     ON CONFLICT DO NOTHING;
