@@ -958,6 +958,11 @@ ENTRIES_PER_RANDOM_ACCESS = 100
 # most QUEUE_SEARCH_LIMIT of them (imports and the crawler index as they go).
 QUEUE_SEARCH_LIMIT = 1000
 LEVEL_WIDTH = 256  # impacts (0..29999) per impact level in postings
+# A lexeme's list in a segment shorter than this is stored as one row at its
+# best level (a search reads at least INITIAL_DEPTH entries anyway). For
+# 3,000 pages of bench/'s corpus: 102,000 rows written instead of 421,000,
+# and the build statement 3.0 s instead of 9.8 s (with the dropped foreign key).
+WHOLE_LIST_BELOW = 256
 LEVELS = 30000 // LEVEL_WIDTH + 1
 # ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
 # characters before the first query word: room for its 35 words around it.
@@ -2685,7 +2690,7 @@ AVERAGE_SAMPLE = 2000  # pages that estimate the average body length at a full b
 def build_segment(conn, refresh_levels=True):
     """Index the pages in index_batch as a new segment; return how many."""
     segment = conn.execute(sql("create_index_segment")).fetchone()["id"]
-    conn.execute(sql("build_segment_postings"), {"segment": segment})
+    conn.execute(sql("build_segment_postings"), {"segment": segment, "whole_below": WHOLE_LIST_BELOW})
     assigned = conn.execute(sql("assign_page_segments"), {"segment": segment}).fetchone()["assigned"]
     if refresh_levels:
         conn.execute(sql("refresh_term_levels"), {"segment": segment})
