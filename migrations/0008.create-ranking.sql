@@ -43,12 +43,14 @@ $$;
 -- normalised by the page length against the average (b = 0.75), and the sum
 -- saturates with k1 = 2.5 (Lucene's form, without BM25's constant (k1 + 1)
 -- factor). These values scored best on the CISI collection (bench/README.md
--- has the figures). One expression, so that PostgreSQL inlines it.
+-- has the figures). One expression, so that PostgreSQL inlines it, in
+-- float8 throughout (0.75 alone is numeric, whose arithmetic per posting
+-- was a large part of an index build).
 CREATE FUNCTION whoknows_impact(tf_title integer, tf_body integer, body_length integer, average_length float8)
 RETURNS smallint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT round(30000 * (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length))
-                 / (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length) + 2.5))::smallint
+    SELECT round(30000 * (3 * tf_title + tf_body / (0.25 + 0.75::float8 * body_length / average_length))
+                 / (3 * tf_title + tf_body / (0.25 + 0.75::float8 * body_length / average_length) + 2.5))::smallint
 $$;
 
 -- Per language: how many pages there are (exact, kept by the triggers), and
