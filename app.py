@@ -2949,6 +2949,17 @@ def prepare_database(database, migrate):
     return url
 
 
+@contextlib.contextmanager
+def command_database(settings, migrate):
+    """Yield (Database, URL) for a command: resolved, checked, migrated if
+    asked, and closed at the end."""
+    database = Database(settings)
+    try:
+        yield database, prepare_database(database, migrate)
+    finally:
+        database.close()
+
+
 def index_waiting(database):
     """Index the pages that wait in the index queue (after a migration, or
     pages written outside import and crawl), printing how many."""
@@ -2979,51 +2990,38 @@ def command_serve(settings, args):
 
 def command_migrate(settings, args):
     """Apply pending migrations, then index any pages waiting for it."""
-    database = Database(settings)
-    try:
-        url = prepare_database(database, migrate=False)
+    with command_database(settings, migrate=False) as (database, url):
         applied = apply_migrations(url)
         print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
         index_waiting(database)
-    finally:
-        database.close()
     return 0
 
 
 def command_reindex(settings, args):
     """Rebuild the whole index and its statistics from the pages."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=True)
+    with command_database(settings, migrate=True) as (database, _):
         started = time.monotonic()
         with database.transaction() as conn:
             rebuild_index(conn, Progress(sys.stdout, "indexing"))
             state = conn.execute(sql("get_index_state")).fetchone()
         with psycopg.connect(database.pool().conninfo, autocommit=True) as conn:
             conn.execute(sql("analyze_pages"))
-    finally:
-        database.close()
     print(f"Indexed {state['indexed']:,} pages in {state['segments']} segments in {time.monotonic() - started:.1f} s")
     return 0
 
 
 def command_search(settings, args):
     """Print the ranking of a search: the fast path, or an exhaustive evaluation of the same function."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=False)
-        with database.connection() as conn:
-            search = look_up(conn, parse_query(args.query), args.language)
-            k = args.page * PAGE_SIZE
-            if args.from_vectors:
-                top = exhaustive_top(conn, search, k)
-            else:
-                ranker = Ranker(conn, search, exhaustive=args.exact)
-                top = [(c.page_id, c.matched, c.low) for c in ranker.top(k)]
-            shown = top[(args.page - 1) * PAGE_SIZE :]
-            rows = conn.execute(sql("get_search_results"), search_params(search, [p for p, _, _ in shown])).fetchall()
-    finally:
-        database.close()
+    with command_database(settings, migrate=False) as (database, _), database.connection() as conn:
+        search = look_up(conn, parse_query(args.query), args.language)
+        k = args.page * PAGE_SIZE
+        if args.from_vectors:
+            top = exhaustive_top(conn, search, k)
+        else:
+            ranker = Ranker(conn, search, exhaustive=args.exact)
+            top = [(c.page_id, c.matched, c.low) for c in ranker.top(k)]
+        shown = top[(args.page - 1) * PAGE_SIZE :]
+        rows = conn.execute(sql("get_search_results"), search_params(search, [p for p, _, _ in shown])).fetchall()
     titles = {row["id"]: (row["title"], row["url"]) for row in rows}
     for place, (page_id, matched, score) in enumerate(shown, (args.page - 1) * PAGE_SIZE + 1):
         title, url = titles.get(page_id, ("?", "?"))
@@ -3036,13 +3034,9 @@ def command_search(settings, args):
 
 def command_import(settings, args):
     """Import pages (and legacy users) from a file."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=True)
+    with command_database(settings, migrate=True) as (database, _):
         started = time.monotonic()
         summary = import_file(database, args.file)
-    finally:
-        database.close()
     seconds = time.monotonic() - started
     for kind, counts in summary.items():
         print(f"{kind}: " + ", ".join(f"{name} {number:,}" for name, number in counts.items()))
@@ -3053,12 +3047,8 @@ def command_import(settings, args):
 
 def command_searches(settings, args):
     """Print the top searches, and the top searches that found nothing."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=False)
+    with command_database(settings, migrate=False) as (database, _):
         report_searches(database, args.days, args.zero, args.limit)
-    finally:
-        database.close()
     return 0
 
 

@@ -243,6 +243,17 @@ def test_request_log_has_one_line_per_request_and_no_secrets(deployed):
     assert "hunter2-secret" not in output and token not in output and "privatewords" not in output
 
 
+def wait_for_a_search_blocked_on_the_lock(url):
+    """Return once a query of the app waits for a table lock (at most 10 s)."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
+            assert time.monotonic() < deadline, "the search never started waiting"
+            time.sleep(0.05)
+
+
 def test_sigterm_finishes_the_request_in_flight(deployed):
     base, process = deployed["base"], deployed["process"]
     locker = psycopg.connect(deployed["url"])
@@ -250,13 +261,7 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
     result = {}
     slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), get(f"{base}/api/search?q=slow", 30))))
     slow.start()
-    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        ).fetchone():
-            assert time.monotonic() < deadline, "the search never started waiting"
-            time.sleep(0.05)
+    wait_for_a_search_blocked_on_the_lock(deployed["url"])
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(OSError):  # no longer accepting connections
@@ -296,13 +301,7 @@ def test_sigterm_answers_the_request_in_flight_whole_and_closes_idle_connections
 
     thread = threading.Thread(target=ask)
     thread.start()
-    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        ).fetchone():
-            assert time.monotonic() < deadline, "the search never started waiting"
-            time.sleep(0.05)
+    wait_for_a_search_blocked_on_the_lock(deployed["url"])
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert process.poll() is None, "it must not exit with a request in flight"
