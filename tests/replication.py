@@ -16,14 +16,17 @@ from pathlib import Path
 
 import psycopg
 
-# Settings for throwaway servers: durability off (nothing here must survive
-# a crash), replication on (the defaults of 15 and 18 already are).
-PRIMARY_SETTINGS = """
-fsync = off
-full_page_writes = off
+# Replication on (the defaults of 15 and 18 already are); for throwaway
+# test servers also durability off (nothing here must survive a crash).
+REPLICATION_SETTINGS = """
 wal_level = replica
 max_wal_senders = 5
 hot_standby = on
+hot_standby_feedback = on
+"""
+NOT_DURABLE = """
+fsync = off
+full_page_writes = off
 """
 
 
@@ -82,8 +85,9 @@ class Node:
 class StreamingPair:
     """A primary and its streaming standby in a temporary folder."""
 
-    def __init__(self, bindir=None):
+    def __init__(self, bindir=None, durable=False, settings=""):
         self.bindir = Path(bindir) if bindir else embedded_bindir()
+        self.settings = REPLICATION_SETTINGS + ("" if durable else NOT_DURABLE) + settings
         self.user = server_user()
         self.folder = Path(tempfile.mkdtemp(prefix="whoknows-replica-"))
         self.folder.chmod(0o755)
@@ -109,7 +113,7 @@ class StreamingPair:
         pg_basebackup -R (which writes primary_conninfo and standby.signal), start that."""
         self.run("initdb", "-D", self.primary.pgdata, "--auth=trust", "-U", "postgres", "--no-sync")
         with open(self.primary.pgdata / "postgresql.conf", "a") as conf:
-            conf.write(PRIMARY_SETTINGS)
+            conf.write(self.settings)
         self.primary.start()
         self.run(
             "pg_basebackup",
