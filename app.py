@@ -189,8 +189,8 @@ class Settings:
     )
     postgres_replica_server: str | None = declare(
         None,
-        "the standby's host (comma-separated for several), when no `DATABASE_REPLICA_URL`; "
-        "same port, user, password and database as the primary",
+        "the standby's host (comma-separated for several), when no `DATABASE_REPLICA_URL`: "
+        "the primary's connection with these hosts (same port, user, password and database)",
     )
     secret_key: str | None = declare(
         None,
@@ -213,7 +213,9 @@ class Settings:
         networks,
         "—",
     )
-    pool_max_size: int = declare(12, "database connections the pool may hold", whole(1, 1000))
+    pool_max_size: int = declare(
+        12, "database connections each pool (the primary's, the standby's) may hold", whole(1, 1000)
+    )
     pool_timeout: int = declare(
         5, "seconds a request waits for a database connection before it gets a 503", whole(1, 300)
     )
@@ -261,11 +263,11 @@ class Settings:
             if raw:
                 parsed[spec.name] = spec.metadata["parse"](spec.name.upper(), raw)
         settings = cls(**parsed)
-        if settings.database_url is None and any(name.startswith("postgres_") for name in parsed):
+        parts = [name for name in parsed if name.startswith("postgres_") and name != "postgres_replica_server"]
+        if settings.database_url is None and parts:
             settings = dataclasses.replace(settings, database_url=settings.url_from_parts())
         if settings.database_replica_url is None and settings.postgres_replica_server:
-            replica = settings.url_from_parts(settings.postgres_replica_server)
-            settings = dataclasses.replace(settings, database_replica_url=replica)
+            settings = dataclasses.replace(settings, database_replica_url=settings.replica_url_from_server())
         return settings
 
     def require_secret_key(self):
@@ -275,18 +277,27 @@ class Settings:
         if self.database_url and self.secret_key is None:
             raise ConfigError("SECRET_KEY is required when a database is configured (try: openssl rand -hex 32)")
 
-    def url_from_parts(self, server=None):
-        """Return a libpq URL made of the POSTGRES_* parts; server (a host,
-        a socket folder, or hosts separated by commas) replaces POSTGRES_SERVER."""
+    def url_from_parts(self):
+        """Return a libpq URL made of the POSTGRES_* parts."""
         if (self.postgres_password or "").startswith("change-me"):
             raise ConfigError("POSTGRES_PASSWORD is still the placeholder from .env.example")
         user = quote(self.postgres_user, safe="")
         auth = f"{user}:{quote(self.postgres_password, safe='')}" if self.postgres_password else user
-        host, db = server or self.postgres_server or "localhost", quote(self.postgres_db, safe="")
+        host, db = self.postgres_server or "localhost", quote(self.postgres_db, safe="")
         if host.startswith("/"):  # a unix socket folder
             return f"postgresql://{auth}@:{self.postgres_port}/{db}?host={quote(host, safe='/')}"
-        hosts = ",".join(f"{name.strip()}:{self.postgres_port}" for name in host.split(",") if name.strip())
-        return f"postgresql://{auth}@{hosts}/{db}"
+        return f"postgresql://{auth}@{host}:{self.postgres_port}/{db}"
+
+    def replica_url_from_server(self):
+        """Return the primary's connection string with POSTGRES_REPLICA_SERVER
+        (hosts, comma-separated) as its hosts: same port, user, password, database."""
+        if self.database_url is None:
+            raise ConfigError("POSTGRES_REPLICA_SERVER needs a configured primary (DATABASE_URL or POSTGRES_*)")
+        hosts = [name.strip() for name in self.postgres_replica_server.split(",") if name.strip()]
+        port = str(psycopg.conninfo.conninfo_to_dict(self.database_url).get("port") or 5432).split(",")[0]
+        return psycopg.conninfo.make_conninfo(
+            self.database_url, host=",".join(hosts), port=",".join([port] * len(hosts))
+        )
 
     @classmethod
     def markdown_table(cls):
@@ -3050,7 +3061,7 @@ class Server:
             connection_limit=settings.connection_limit,
             # Idle connections close after channel_timeout, checked every
             # cleanup_interval. waitress cannot bound a client that keeps
-            # trickling bytes: a proxy with read timeouts must (README).
+            # trickling bytes: nginx in front does (nginx/nginx.conf).
             channel_timeout=settings.channel_timeout,
             cleanup_interval=cleanup_interval(settings.channel_timeout),
             max_request_body_size=MAX_BODY_BYTES,

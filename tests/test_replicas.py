@@ -92,6 +92,35 @@ def standby_sessions(pair):
         ).fetchone()[0]
 
 
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"DATABASE_REPLICA_URL": "postgresql://u@replica/db"}, "postgresql://u@replica/db"),
+        (
+            {"POSTGRES_SERVER": "database", "POSTGRES_PASSWORD": "pw", "POSTGRES_REPLICA_SERVER": "replica"},
+            "user=postgres password=pw dbname=whoknows host=replica port=5432",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://u:p@db:6543/x?sslmode=disable", "POSTGRES_REPLICA_SERVER": "r1, r2"},
+            "user=u password=p dbname=x host=r1,r2 port=6543,6543 sslmode=disable",
+        ),
+        (
+            {"DATABASE_REPLICA_URL": "postgresql://u@r/db", "POSTGRES_REPLICA_SERVER": "other", "POSTGRES_SERVER": "d"},
+            "postgresql://u@r/db",
+        ),
+    ],
+)
+def test_the_standby_setting(environ, expected):
+    settings = whoknows.Settings.from_env(environ=environ, dotenv_path=None)
+    assert settings.database_replica_url == expected
+
+
+def test_a_standby_host_needs_a_configured_primary():
+    with pytest.raises(whoknows.ConfigError, match="POSTGRES_REPLICA_SERVER needs a configured primary"):
+        whoknows.Settings.from_env(environ={"POSTGRES_REPLICA_SERVER": "replica"}, dotenv_path=None)
+
+
 def test_searches_are_served_by_the_standby(pair, primary, replica_app):
     client = webtest.TestApp(replica_app)
     add_page(primary, "Replicated page", "the standby has this zebrafish page")
