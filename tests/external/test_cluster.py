@@ -63,6 +63,9 @@ def cluster(pair):
         "TRUSTED_PROXIES": "127.0.0.1/32",
         "SEARCH_CACHE_SECONDS": "0",
         "POOL_TIMEOUT": "3",
+        # One key for all processes, as compose gives them: it keys the login
+        # throttle's client hashes and signs the flash cookies.
+        "SECRET_KEY": secrets.token_hex(32),
     }
     apps = [RunningApp(pair.urls[0], env) for _ in range(2)]  # the first indexes the pages
     pair.wait_replayed()
@@ -164,3 +167,33 @@ def test_standby_stopped_under_load_then_restarted(pair, cluster, tmp_path):
         request(proxy.base, "GET", "/api/search?q=search", headers=JSON)
         time.sleep(0.2)
         health = [request(app.base, "GET", "/healthz", headers=JSON) for app in apps]
+
+
+def test_sessions_the_throttle_and_the_search_log_span_processes(pair, cluster):
+    """Nothing lives in one process only: a session made on one process is
+    valid on the other, failed logins on both count together, and both
+    processes' searches reach the search log."""
+    apps, _ = cluster
+    first, second = (app.base for app in apps)
+    username, password = f"both_{secrets.token_hex(3)}", f"pw-{secrets.token_hex(6)}"
+    form = {"username": username, "email": f"{username}@example.org", "password": password, "password2": password}
+    assert request(first, "POST", "/api/register", form, JSON)[0] == 200
+    status, headers, _, _ = request(second, "POST", "/api/login", {"username": username, "password": password}, JSON)
+    assert status == 200
+    cookie = headers["set-cookie"].split(";")[0]
+    assert request(first, "GET", "/change-password", headers={"Cookie": cookie})[0] == 200  # logged in there too
+    assert request(second, "GET", "/change-password", headers={"Cookie": cookie})[0] == 200
+    limit = whoknows.Settings().login_max_failures
+    for n in range(limit):
+        base = (first, second)[n % 2]
+        assert request(base, "POST", "/api/login", {"username": username, "password": "wrong"}, JSON)[0] == 422
+    for base in (first, second):
+        assert request(base, "POST", "/api/login", {"username": username, "password": password}, JSON)[0] == 429
+    words = [f"spanning{secrets.token_hex(3)}", f"spanning{secrets.token_hex(3)}"]
+    for base, word in zip((first, second), words):
+        assert request(base, "GET", f"/api/search?q={word}", headers=JSON)[0] == 200
+    deadline = time.monotonic() + 10
+    with psycopg.connect(pair.urls[0], autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM search_log WHERE query = ANY(%s)", (words,)).fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "a process's searches did not reach the search log"
+            time.sleep(0.2)
