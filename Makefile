@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test migrate import clean bench relevance verify lint
+.PHONY: run test migrate import clean bench bench-cluster relevance verify lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ clean:  ## remove the virtualenv (the data in .data/ stays)
 N ?= 100000
 bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-get install wrk)
 	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
+
+CLUSTER_N ?= 20000
+bench-cluster: $(STAMP)  ## one app process vs two behind nginx with a standby: make bench-cluster CLUSTER_N=20000 (needs wrk, nginx)
+	$(BIN)/python bench/cluster.py --pages $(CLUSTER_N) $(BENCH_ARGS)
 
 relevance: $(STAMP)  ## the relevance benchmark on CISI, against a BM25 anchor (bench/README.md)
 	$(BIN)/python bench/relevance.py $(RELEVANCE_ARGS)
