@@ -27,10 +27,11 @@ clean:  ## remove the virtualenv (the data in .data/ stays)
 	rm -rf $(VENV)
 
 N ?= 100000
-bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-get install wrk)
-	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
-
 CLUSTER_N ?= 20000
+bench: $(STAMP)  ## the search benchmark at N pages, then the cluster run (needs wrk and nginx)
+	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
+	$(BIN)/python bench/cluster.py --pages $(CLUSTER_N)
+
 bench-cluster: $(STAMP)  ## one app process vs two behind nginx with a standby: make bench-cluster CLUSTER_N=20000 (needs wrk, nginx)
 	$(BIN)/python bench/cluster.py --pages $(CLUSTER_N) $(BENCH_ARGS)
 
