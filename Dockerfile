@@ -26,7 +26,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
 # the settings (8 threads, a pool of 12 connections, 200 connections at most,
 # idle clients dropped after 30 s, bodies over 1 MiB and headers over 64 KiB
 # refused) and, on SIGTERM, lets the requests in flight finish. waitress cannot
-# bound a slow-drip client that keeps sending: put a proxy with read timeouts
-# in front. It applies pending migrations first (none, after compose's migrate).
+# bound a slow-drip client that keeps sending: compose's nginx, in front, does
+# (nginx/nginx.conf). It applies pending migrations first (none, after compose's migrate).
 ENV HOST=0.0.0.0 PORT=8080
 CMD ["python", "app.py", "serve"]

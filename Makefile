@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test migrate import clean bench bench-crawl relevance verify lint
+.PHONY: run test migrate import clean bench bench-cluster bench-crawl relevance verify lint
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ clean:  ## remove the virtualenv (the data in .data/ stays)
 	rm -rf $(VENV)
 
 N ?= 100000
-bench: $(STAMP)  ## the search benchmark: make bench N=100000 (needs wrk: apt-get install wrk)
+CLUSTER_N ?= 20000
+bench: $(STAMP)  ## the search benchmark at N pages, then the cluster run (needs wrk and nginx)
 	$(BIN)/python bench/run.py --pages $(N) $(BENCH_ARGS)
+	$(BIN)/python bench/cluster.py --pages $(CLUSTER_N)
+
+bench-cluster: $(STAMP)  ## one app process vs two behind nginx with a standby: make bench-cluster CLUSTER_N=20000 (needs wrk, nginx)
+	$(BIN)/python bench/cluster.py --pages $(CLUSTER_N) $(BENCH_ARGS)
 
 PAGES ?= 10000
 bench-crawl: $(STAMP)  ## the crawl benchmark: crawl PAGES local pages (politeness off), then import them (bench/README.md)

@@ -187,6 +187,18 @@ class Settings:
     postgres_user: str = declare("postgres", "the database user")
     postgres_password: str | None = declare(None, "its password")
     postgres_db: str = declare("whoknows", "the database name")
+    database_replica_url: str | None = declare(
+        None,
+        "libpq URL of the streaming standby (or several: `postgresql://u:p@replica1,replica2/db`) that serves "
+        "searches, result pages, the weather read and reports; wins over `POSTGRES_REPLICA_SERVER`. "
+        "Without it, everything reads from the primary",
+        database_url_text,
+    )
+    postgres_replica_server: str | None = declare(
+        None,
+        "the standby's host (comma-separated for several), when no `DATABASE_REPLICA_URL`: "
+        "the primary's connection with these hosts (same port, user, password and database)",
+    )
     secret_key: str | None = declare(
         None,
         "at least 32 characters (`openssl rand -hex 32`): signs flash cookies and keys the hashes of client "
@@ -201,7 +213,16 @@ class Settings:
     channel_timeout: int = declare(30, "seconds after which waitress closes an idle connection", whole(1, 3600))
     shutdown_timeout: int = declare(20, "seconds that requests in flight get to finish after `SIGTERM`", whole(1, 600))
     access_log: bool = declare(True, "one line per request on stdout", boolean)
-    pool_max_size: int = declare(12, "database connections the pool may hold", whole(1, 1000))
+    trusted_proxies: tuple = declare(
+        (),
+        "addresses or networks of the reverse proxies (nginx) whose `X-Forwarded-For` and `X-Forwarded-Proto` "
+        "are believed, comma-separated; from anyone else those headers are ignored",
+        networks,
+        "—",
+    )
+    pool_max_size: int = declare(
+        12, "database connections each pool (the primary's, the standby's) may hold", whole(1, 1000)
+    )
     pool_timeout: int = declare(
         5, "seconds a request waits for a database connection before it gets a 503", whole(1, 300)
     )
@@ -265,8 +286,11 @@ class Settings:
             if raw:
                 parsed[spec.name] = spec.metadata["parse"](spec.name.upper(), raw)
         settings = cls(**parsed)
-        if settings.database_url is None and any(name.startswith("postgres_") for name in parsed):
+        parts = [name for name in parsed if name.startswith("postgres_") and name != "postgres_replica_server"]
+        if settings.database_url is None and parts:
             settings = dataclasses.replace(settings, database_url=settings.url_from_parts())
+        if settings.database_replica_url is None and settings.postgres_replica_server:
+            settings = dataclasses.replace(settings, database_replica_url=settings.replica_url_from_server())
         return settings
 
     def require_secret_key(self):
@@ -286,6 +310,17 @@ class Settings:
         if host.startswith("/"):  # a unix socket folder
             return f"postgresql://{auth}@:{self.postgres_port}/{db}?host={quote(host, safe='/')}"
         return f"postgresql://{auth}@{host}:{self.postgres_port}/{db}"
+
+    def replica_url_from_server(self):
+        """Return the primary's connection string with POSTGRES_REPLICA_SERVER
+        (hosts, comma-separated) as its hosts: same port, user, password, database."""
+        if self.database_url is None:
+            raise ConfigError("POSTGRES_REPLICA_SERVER needs a configured primary (DATABASE_URL or POSTGRES_*)")
+        hosts = [name.strip() for name in self.postgres_replica_server.split(",") if name.strip()]
+        port = str(psycopg.conninfo.conninfo_to_dict(self.database_url).get("port") or 5432).split(",")[0]
+        return psycopg.conninfo.make_conninfo(
+            self.database_url, host=",".join(hosts), port=",".join([port] * len(hosts))
+        )
 
     @classmethod
     def markdown_table(cls):
@@ -407,8 +442,9 @@ class FailFastPool(ConnectionPool):
         return conn
 
 
-def make_pool(url, settings):
-    """Return an open pool; it connects in the background and survives outages."""
+def make_pool(url, settings, name="whoknows"):
+    """Return an open pool; it connects in the background and survives outages.
+    name is also the application_name its connections show in pg_stat_activity."""
     # FailFastPool checks a connection before handing it out (check_idle), so
     # the first request after a database restart does not get a dead one;
     # timeout= turns an outage into PoolTimeout (a 503) instead of a hang.
@@ -426,10 +462,48 @@ def make_pool(url, settings):
         max_size=settings.pool_max_size,
         timeout=settings.pool_timeout,
         max_waiting=settings.pool_max_size * 8,
-        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": "whoknows"},
-        name="whoknows",
+        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": name},
+        name=name,
         open=True,
     )
+
+
+class StandbyRoute:
+    """Whether reads should try the standby: a circuit breaker.
+
+    While the standby answers, every read tries it. Once it fails, reads go
+    straight to the primary for RETRY_SECONDS; then one read at a time probes
+    the standby again (waiting at most WAIT_SECONDS for a connection), and the
+    first that succeeds moves reads back.
+    """
+
+    WAIT_SECONDS, RETRY_SECONDS = 1.0, 2.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.up = True
+        self.retry_at = 0.0
+
+    def worth_trying(self):
+        """True when this read should try the standby (always while it is up)."""
+        if self.up:
+            return True
+        with self.lock:
+            if time.monotonic() < self.retry_at:
+                return False
+            self.retry_at = time.monotonic() + self.RETRY_SECONDS  # this read is the probe
+            return True
+
+    def succeeded(self):
+        if not self.up:
+            log.info("standby answers again: searches read from it")
+            self.up = True
+
+    def failed(self, exc):
+        with self.lock:
+            if self.up:
+                log.warning("standby unavailable (%s: %s): reading from the primary", type(exc).__name__, one_line(exc))
+            self.up, self.retry_at = False, time.monotonic() + self.RETRY_SECONDS
 
 
 class Database:
@@ -439,7 +513,9 @@ class Database:
     def __init__(self, settings):
         self.settings = settings
         self._pool = None
+        self._read_pool = None
         self._lock = threading.Lock()
+        self.standby = StandbyRoute()
 
     def url(self):
         """Return the URL the app uses: the configured one, or the embedded server's."""
@@ -463,6 +539,39 @@ class Database:
         """Return a context manager lending a pooled (autocommit) connection."""
         return self.pool().connection(timeout=timeout)
 
+    def read_pool(self):
+        """Return the standby's pool (created on first use), or None when no
+        DATABASE_REPLICA_URL is set."""
+        url = self.settings.database_replica_url
+        if url is not None and self._read_pool is None:
+            with self._lock:
+                if self._read_pool is None:
+                    self._read_pool = make_pool(url, self.settings, name="whoknows-replica")
+        return self._read_pool
+
+    def read(self, work):
+        """Return work(conn) run on the standby, or on the primary when no
+        standby is configured or it does not answer.
+
+        work must only read: when the standby fails under it (stopped, a
+        recovery conflict), it runs again on the primary, so the request gets
+        its answer instead of an error. Only reads that may lag the primary by
+        the replication delay belong here: never one that must see a write
+        just made (accounts and sessions always read from the primary).
+        """
+        pool = self.read_pool()
+        if pool is not None and self.standby.worth_trying():
+            try:
+                with pool.connection(timeout=min(StandbyRoute.WAIT_SECONDS, self.settings.pool_timeout)) as conn:
+                    result = work(conn)
+            except psycopg.OperationalError as exc:
+                self.standby.failed(exc)
+            else:
+                self.standby.succeeded()
+                return result
+        with self.connection() as conn:
+            return work(conn)
+
     @contextlib.contextmanager
     def transaction(self):
         """Yield a pooled connection inside one transaction, committed at the end
@@ -478,11 +587,29 @@ class Database:
             old.close()
 
     def close(self):
-        """Close the pool, if any (at shutdown)."""
+        """Close the pools, if any (at shutdown)."""
         with self._lock:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+            for pool in (self._pool, self._read_pool):
+                if pool is not None:
+                    pool.close()
+            self._pool = self._read_pool = None
+
+    def pools(self):
+        """Return {name: pool}: the primary's, and the standby's when configured."""
+        pools = {"primary": self.pool()}
+        if self.read_pool() is not None:
+            pools["replica"] = self.read_pool()
+        return pools
+
+    def replica_status(self):
+        """Return the standby's state: up, in_recovery, lag_seconds, lag_bytes
+        (None when it does not answer within a second)."""
+        try:
+            with self.read_pool().connection(timeout=1) as conn:
+                row = conn.execute(sql("get_replica_lag")).fetchone()
+        except psycopg.OperationalError:
+            return {"up": False, "in_recovery": None, "lag_seconds": None, "lag_bytes": None}
+        return {"up": True, **row, "lag_seconds": float(row["lag_seconds"]), "lag_bytes": int(row["lag_bytes"])}
 
     def warn_if_schema_behind(self):
         """Log one line if the database lacks migrations (waitress-serve does not migrate)."""
@@ -546,6 +673,53 @@ def apply_migrations(url):
 def current_app():
     """Return the app serving the current request."""
     return bottle.request.app
+
+
+# Proxy headers that say who the client is or how it came. Only a trusted
+# proxy's are believed; bottle would otherwise read X-Forwarded-Proto and
+# X-Forwarded-Host from anyone (request.urlparts).
+PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST", "HTTP_FORWARDED")
+
+
+def in_networks(address, networks_):
+    """True when address (text) is in one of networks_."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks_)
+
+
+def forwarded_client(forwarded_for, proxies):
+    """Return the client that X-Forwarded-For names: the rightmost address
+    that is not one of our proxies (the ones left of it are the client's to
+    forge), or None when the header is missing or malformed."""
+    client = None
+    for part in reversed((forwarded_for or "").split(",")):
+        try:
+            client = str(ipaddress.ip_address(part.strip()))
+        except ValueError:
+            return None
+        if not in_networks(client, proxies):
+            return client
+    return client
+
+
+def resolve_client():
+    """Hook: from a trusted proxy (TRUSTED_PROXIES), take the client's address
+    from X-Forwarded-For and the scheme from X-Forwarded-Proto; from anyone
+    else, drop those headers. REMOTE_ADDR is then the client, for the login
+    throttle, /metrics and the request log; whoknows.peer keeps the peer."""
+    environ = bottle.request.environ
+    headers = {name: environ.pop(name, None) for name in PROXY_HEADERS}
+    peer = environ.get("REMOTE_ADDR", "")
+    environ["whoknows.peer"] = peer
+    proxies = current_app().settings.trusted_proxies
+    if not proxies or not in_networks(peer, proxies):
+        return
+    environ["REMOTE_ADDR"] = forwarded_client(headers["HTTP_X_FORWARDED_FOR"], proxies) or peer
+    if headers["HTTP_X_FORWARDED_PROTO"] in ("http", "https"):
+        environ["wsgi.url_scheme"] = headers["HTTP_X_FORWARDED_PROTO"]
 
 
 class BadInput(ValueError):
@@ -902,8 +1076,8 @@ def password_change_error(old_password, password, password2):
 def client_key():
     """Return a keyed hash of the client's address (never stored raw).
 
-    REMOTE_ADDR, not X-Forwarded-For: that header is the client's to forge;
-    waitress rewrites REMOTE_ADDR only for a configured trusted proxy.
+    REMOTE_ADDR, which resolve_client() sets from X-Forwarded-For only when
+    the peer is a trusted proxy: from anyone else, that header is forged.
     """
     return keyed_hash(bottle.request.environ.get("REMOTE_ADDR") or "unknown")
 
@@ -966,18 +1140,26 @@ COMPLETION_WEIGHT = 0.5
 # times more at each of at most MAX_ROUNDS further rounds, then everything.
 # Pages whose place is still open are scored from their own vector when
 # that is cheaper than reading deeper (RANDOM_ACCESS_LIMIT at least).
-INITIAL_DEPTH = 64
+INITIAL_DEPTH = 256
 MAX_ROUNDS = 4
 RANDOM_ACCESS_LIMIT = 64
 # Looking a page up in its vector costs about as much as reading
 # ENTRIES_PER_CHECK entries (which terms it has) or ENTRIES_PER_RANDOM_ACCESS
-# (their impacts): measured at 100,000 pages, 16 µs and 100 µs a page.
-ENTRIES_PER_CHECK = 16
+# (their impacts). Chosen by alternating runs of 400-500 distinct queries of
+# bench/'s mix at 100,000 pages (bench/README.md): a check reads the page's
+# vector from TOAST, about 16 µs, while an entry read in bulk costs about
+# 0.15 µs; 16 and 64 entries cost 20 % and 8 % more time over the mix.
+ENTRIES_PER_CHECK = 100
 ENTRIES_PER_RANDOM_ACCESS = 100
 # New pages that wait to be indexed are scored from their own vector: at
 # most QUEUE_SEARCH_LIMIT of them (imports and the crawler index as they go).
 QUEUE_SEARCH_LIMIT = 1000
 LEVEL_WIDTH = 256  # impacts (0..29999) per impact level in postings
+# A lexeme's list in a segment shorter than this is stored as one row at its
+# best level (a search reads at least INITIAL_DEPTH entries anyway). For
+# 3,000 pages of bench/'s corpus: 102,000 rows written instead of 421,000,
+# and the build statement 3.0 s instead of 9.8 s (with the dropped foreign key).
+WHOLE_LIST_BELOW = 256
 LEVELS = 30000 // LEVEL_WIDTH + 1
 # ts_headline parses SNIPPET_CHARS of each returned page, from SNIPPET_LEAD
 # characters before the first query word: room for its 35 words around it.
@@ -1529,7 +1711,9 @@ class SearchCache:
     """Recent search results, kept SEARCH_CACHE_SECONDS, at most 4,096 of them.
 
     Invalidation is by age: after an import, a process may show old results
-    for up to SEARCH_CACHE_SECONDS.
+    for up to SEARCH_CACHE_SECONDS (plus the standby's replication delay).
+    Each process has its own cache: with several behind a proxy, two of them
+    may show results of different age for that long, never wrong ones.
     """
 
     def __init__(self, seconds, size=4096):
@@ -1565,8 +1749,7 @@ def search(app, q, language, page):
     cached = app.search_cache.get(key)
     if cached is not None:
         return cached
-    with app.db.connection() as conn:
-        result = run_search(conn, q, language, page)
+    result = app.db.read(lambda conn: run_search(conn, q, language, page))
     app.search_cache.put(key, result)
     return result
 
@@ -1861,13 +2044,14 @@ class Weather:
             raise WeatherUnavailable(f"unexpected answer: more than {WEATHER_MAX_BYTES} bytes")
         return parse_forecast(body, s)
 
-    def cached(self):
-        """Return the cached row (data, fetched_at, fresh), or None."""
-        with self.db.connection() as conn:
-            return conn.execute(
-                sql("get_weather_cache"),
-                {"location": self.key, "max_age_seconds": self.settings.weather_cache_seconds},
-            ).fetchone()
+    def cached(self, primary=False):
+        """Return the cached row (data, fetched_at, fresh), or None; from the
+        standby unless primary is true (to see a refresh just written)."""
+        params = {"location": self.key, "max_age_seconds": self.settings.weather_cache_seconds}
+        if primary:
+            with self.db.connection() as conn:
+                return conn.execute(sql("get_weather_cache"), params).fetchone()
+        return self.db.read(lambda conn: conn.execute(sql("get_weather_cache"), params).fetchone())
 
     def current(self):
         """Return the weather (fresh, or the last copy marked stale), or None
@@ -1886,7 +2070,7 @@ class Weather:
 
     def refresh(self):
         """With the lock held: fetch and store a new answer, or serve the stale copy."""
-        row = self.cached()  # another thread may have just refreshed it
+        row = self.cached(primary=True)  # another thread or process may have just refreshed it
         if row and row["fresh"]:
             return weather_answer(row["data"], row["fetched_at"], stale=False)
         stale = weather_answer(row["data"], row["fetched_at"], stale=True) if row else None
@@ -1940,10 +2124,24 @@ ZERO_RESULT_SEARCHES = prometheus_client.Counter(
 REGISTRATIONS = prometheus_client.Counter("whoknows_registrations_total", "Accounts created.")
 LOGINS = prometheus_client.Counter("whoknows_logins_total", "Successful logins.")
 FAILED_LOGINS = prometheus_client.Counter("whoknows_failed_logins_total", "Failed logins (including refused ones).")
-POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds.")
-POOL_IN_USE = prometheus_client.Gauge("whoknows_db_pool_connections_in_use", "Pool connections lent out.")
-POOL_WAITING = prometheus_client.Gauge("whoknows_db_pool_requests_waiting", "Requests waiting for a connection.")
-DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the database answered the last scrape, else 0.")
+POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds, by pool.", ["pool"])
+POOL_IN_USE = prometheus_client.Gauge(
+    "whoknows_db_pool_connections_in_use", "Pool connections lent out, by pool.", ["pool"]
+)
+POOL_WAITING = prometheus_client.Gauge(
+    "whoknows_db_pool_requests_waiting", "Requests waiting for a connection, by pool.", ["pool"]
+)
+DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the primary answered the last scrape, else 0.")
+REPLICA_UP = prometheus_client.Gauge("whoknows_replica_up", "1 if the standby answered the last scrape, else 0.")
+REPLICA_LAG = prometheus_client.Gauge(
+    "whoknows_replica_lag_seconds", "How far the standby's replay is behind (0 when it has replayed all it received)."
+)
+REPLICA_LAG_BYTES = prometheus_client.Gauge(
+    "whoknows_replica_lag_bytes", "WAL the standby has received but not yet replayed."
+)
+REPLICA_FALLBACK = prometheus_client.Gauge(
+    "whoknows_replica_fallback", "1 while searches read from the primary because the standby failed, else 0."
+)
 
 
 def metrics_allowed(settings):
@@ -1954,27 +2152,36 @@ def metrics_allowed(settings):
         if not hmac.compare_digest(presented.encode(), f"Bearer {settings.metrics_token}".encode()):
             return False
     if settings.metrics_allow:
-        try:
-            address = ipaddress.ip_address(bottle.request.environ.get("REMOTE_ADDR", ""))
-        except ValueError:
-            return False
-        return any(address in network for network in settings.metrics_allow)
+        return in_networks(bottle.request.environ.get("REMOTE_ADDR", ""), settings.metrics_allow)
     return True
 
 
-def observe_pool(db):
-    """Update the pool and database gauges (at each scrape)."""
-    pool = db.pool()
+def pool_stats(pool):
+    """Return a pool's size, connections in use and requests waiting."""
     stats = pool.get_stats()
-    POOL_SIZE.set(stats.get("pool_size", 0))
-    POOL_IN_USE.set(stats.get("pool_size", 0) - stats.get("pool_available", 0))
-    POOL_WAITING.set(stats.get("requests_waiting", 0))
+    size = stats.get("pool_size", 0)
+    return {"size": size, "in_use": size - stats.get("pool_available", 0), "waiting": stats.get("requests_waiting", 0)}
+
+
+def observe_pool(db):
+    """Update the pool, database and standby gauges (at each scrape)."""
+    for name, pool in db.pools().items():
+        stats = pool_stats(pool)
+        POOL_SIZE.labels(name).set(stats["size"])
+        POOL_IN_USE.labels(name).set(stats["in_use"])
+        POOL_WAITING.labels(name).set(stats["waiting"])
     try:
         with db.connection(timeout=1) as conn:
             conn.execute(sql("ping_database"))
         DATABASE_UP.set(1)
     except psycopg.OperationalError:
         DATABASE_UP.set(0)
+    if db.read_pool() is not None:
+        replica = db.replica_status()
+        REPLICA_UP.set(int(replica["up"]))
+        REPLICA_LAG.set(replica["lag_seconds"] if replica["up"] else math.nan)
+        REPLICA_LAG_BYTES.set(replica["lag_bytes"] if replica["up"] else math.nan)
+        REPLICA_FALLBACK.set(int(not db.standby.up))
 
 
 # Pages ########################################################################
@@ -2240,16 +2447,22 @@ def replace_password(user_id, old_hash, new_hash):
 
 @route("/healthz")
 def healthz():
-    """Report 200 when the database answers and the schema is current, else 503."""
+    """Report 200 when the primary answers and the schema is current, else 503;
+    with each pool's figures and the standby's lag. A standby that is down
+    does not make it fail: searches then read from the primary."""
+    db = current_app().db
+    pools = {name: pool_stats(pool) for name, pool in db.pools().items()}
+    if "replica" in pools:
+        pools["replica"].update(db.replica_status(), reading_from_primary=not db.standby.up)
     try:
-        with current_app().db.connection() as conn:
+        with db.connection() as conn:
             conn.execute(sql("ping_database"))
             pending = pending_migrations(conn)
     except psycopg.OperationalError:
-        return json_body(503, {"status": "database unavailable"})
+        return json_body(503, {"status": "database unavailable", "pools": pools})
     if pending:
-        return json_body(503, {"status": "schema behind", "pending_migrations": pending})
-    return json_body(200, {"status": "ok"})
+        return json_body(503, {"status": "schema behind", "pending_migrations": pending, "pools": pools})
+    return json_body(200, {"status": "ok", "pools": pools})
 
 
 @route("/metrics")
@@ -2443,6 +2656,7 @@ def make_app(settings):
         app.install(plugin)
     for code in ERROR_MESSAGES:
         app.error(code)(http_error)
+    app.add_hook("before_request", resolve_client)
     app.add_hook("before_request", start_clock)
     app.add_hook("after_request", finish_response)
     return app
@@ -2607,13 +2821,14 @@ def import_pages(conn, records, out):
         # afterwards instead of updated row by row (several times faster).
         # Searches wait for the import to commit meanwhile, which suits a
         # first load.
-        conn.execute(sql("set_bulk_load"))
+        conn.execute(sql("disable_page_triggers"))
         indexes = conn.execute(sql("list_page_search_indexes")).fetchall()
         for index in indexes:
             # An index name from the catalog, quoted as an identifier by psycopg.sql.
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
     written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
     if bulk:
+        conn.execute(sql("enable_page_triggers"))
         progress.note("rebuilding the title index...")
         conn.execute(sql("set_index_build_memory"), {"memory": BUILD_MEMORY})
         for index in indexes:
@@ -2704,7 +2919,7 @@ AVERAGE_SAMPLE = 2000  # pages that estimate the average body length at a full b
 def build_segment(conn, refresh_levels=True):
     """Index the pages in index_batch as a new segment; return how many."""
     segment = conn.execute(sql("create_index_segment")).fetchone()["id"]
-    conn.execute(sql("build_segment_postings"), {"segment": segment})
+    conn.execute(sql("build_segment_postings"), {"segment": segment, "whole_below": WHOLE_LIST_BELOW})
     assigned = conn.execute(sql("assign_page_segments"), {"segment": segment}).fetchone()["assigned"]
     if refresh_levels:
         conn.execute(sql("refresh_term_levels"), {"segment": segment})
@@ -2782,13 +2997,12 @@ def report_searches(database, days, zero, limit):
     reports = [(True, "Top searches that found nothing")]
     if not zero:
         reports.insert(0, (False, "Top searches"))
-    with database.connection() as conn:
-        for zero_only, title in reports:
-            params = {"days": days, "zero": zero_only, "limit": limit}
-            rows = conn.execute(sql("top_searches"), params).fetchall()
-            print(f"{title}, last {days} day{'s' if days != 1 else ''}:")
-            print_table(rows, ("searches", "language", "avg_results", "avg_ms", "query")) if rows else print("(none)")
-            print()
+    for zero_only, title in reports:
+        params = {"days": days, "zero": zero_only, "limit": limit}
+        rows = database.read(lambda conn, params=params: conn.execute(sql("top_searches"), params).fetchall())
+        print(f"{title}, last {days} day{'s' if days != 1 else ''}:")
+        print_table(rows, ("searches", "language", "avg_results", "avg_ms", "query")) if rows else print("(none)")
+        print()
 
 
 # Serving ######################################################################
@@ -2879,11 +3093,14 @@ class Server:
             connection_limit=settings.connection_limit,
             # Idle connections close after channel_timeout, checked every
             # cleanup_interval. waitress cannot bound a client that keeps
-            # trickling bytes: a proxy with read timeouts must (README).
+            # trickling bytes: nginx in front does (nginx/nginx.conf).
             channel_timeout=settings.channel_timeout,
             cleanup_interval=cleanup_interval(settings.channel_timeout),
             max_request_body_size=MAX_BODY_BYTES,
             max_request_header_size=MAX_HEADER_BYTES,
+            # resolve_client() decides whose X-Forwarded-* to believe (from
+            # TRUSTED_PROXIES, networks); waitress can only trust one address.
+            clear_untrusted_proxy_headers=False,
             asyncore_use_poll=True,  # select() fails beyond 1,024 open sockets
             ident=SERVER_IDENT,
         )
@@ -2963,6 +3180,17 @@ def prepare_database(database, migrate):
     return url
 
 
+@contextlib.contextmanager
+def command_database(settings, migrate):
+    """Yield (Database, URL) for a command: resolved, checked, migrated if
+    asked, and closed at the end."""
+    database = Database(settings)
+    try:
+        yield database, prepare_database(database, migrate)
+    finally:
+        database.close()
+
+
 def index_waiting(database):
     """Index the pages that wait in the index queue (after a migration, or
     pages written outside import and crawl), printing how many."""
@@ -2993,51 +3221,38 @@ def command_serve(settings, args):
 
 def command_migrate(settings, args):
     """Apply pending migrations, then index any pages waiting for it."""
-    database = Database(settings)
-    try:
-        url = prepare_database(database, migrate=False)
+    with command_database(settings, migrate=False) as (database, url):
         applied = apply_migrations(url)
         print(f"Applied migrations: {', '.join(applied)}" if applied else "The schema is up to date.")
         index_waiting(database)
-    finally:
-        database.close()
     return 0
 
 
 def command_reindex(settings, args):
     """Rebuild the whole index and its statistics from the pages."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=True)
+    with command_database(settings, migrate=True) as (database, _):
         started = time.monotonic()
         with database.transaction() as conn:
             rebuild_index(conn, Progress(sys.stdout, "indexing"))
             state = conn.execute(sql("get_index_state")).fetchone()
         with psycopg.connect(database.pool().conninfo, autocommit=True) as conn:
             conn.execute(sql("analyze_pages"))
-    finally:
-        database.close()
     print(f"Indexed {state['indexed']:,} pages in {state['segments']} segments in {time.monotonic() - started:.1f} s")
     return 0
 
 
 def command_search(settings, args):
     """Print the ranking of a search: the fast path, or an exhaustive evaluation of the same function."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=False)
-        with database.connection() as conn:
-            search = look_up(conn, parse_query(args.query), args.language)
-            k = args.page * PAGE_SIZE
-            if args.from_vectors:
-                top = exhaustive_top(conn, search, k)
-            else:
-                ranker = Ranker(conn, search, exhaustive=args.exact)
-                top = [(c.page_id, c.matched, c.low) for c in ranker.top(k)]
-            shown = top[(args.page - 1) * PAGE_SIZE :]
-            rows = conn.execute(sql("get_search_results"), search_params(search, [p for p, _, _ in shown])).fetchall()
-    finally:
-        database.close()
+    with command_database(settings, migrate=False) as (database, _), database.connection() as conn:
+        search = look_up(conn, parse_query(args.query), args.language)
+        k = args.page * PAGE_SIZE
+        if args.from_vectors:
+            top = exhaustive_top(conn, search, k)
+        else:
+            ranker = Ranker(conn, search, exhaustive=args.exact)
+            top = [(c.page_id, c.matched, c.low) for c in ranker.top(k)]
+        shown = top[(args.page - 1) * PAGE_SIZE :]
+        rows = conn.execute(sql("get_search_results"), search_params(search, [p for p, _, _ in shown])).fetchall()
     titles = {row["id"]: (row["title"], row["url"]) for row in rows}
     for place, (page_id, matched, score) in enumerate(shown, (args.page - 1) * PAGE_SIZE + 1):
         title, url = titles.get(page_id, ("?", "?"))
@@ -3050,13 +3265,9 @@ def command_search(settings, args):
 
 def command_import(settings, args):
     """Import pages (and legacy users) from a file."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=True)
+    with command_database(settings, migrate=True) as (database, _):
         started = time.monotonic()
         summary = import_file(database, args.file)
-    finally:
-        database.close()
     seconds = time.monotonic() - started
     for kind, counts in summary.items():
         print(f"{kind}: " + ", ".join(f"{name} {number:,}" for name, number in counts.items()))
@@ -3067,12 +3278,8 @@ def command_import(settings, args):
 
 def command_searches(settings, args):
     """Print the top searches, and the top searches that found nothing."""
-    database = Database(settings)
-    try:
-        prepare_database(database, migrate=False)
+    with command_database(settings, migrate=False) as (database, _):
         report_searches(database, args.days, args.zero, args.limit)
-    finally:
-        database.close()
     return 0
 
 

@@ -16,9 +16,12 @@ seed only varies the pages). Chunks of pages are generated in J processes.
 
 With --queries, also writes R lines (default 10000) of `language<TAB>query` in
 shuffled order: 60% occur only once (the long tail), the rest repeat about 50
-popular queries. QUERIES.txt.kinds names one popular query per kind (common,
-rare, two_words, phrase, danish, partial) as `kind<TAB>language<TAB>query`, so
-a benchmark can time each kind. A summary line goes to stderr. Standard library only.
+popular queries. Partial words (2-4 letters of a common stem) and pairs of
+common words occur in both languages, among the popular queries and in the
+tail. QUERIES.txt.kinds names one popular query per kind (common, rare,
+two_words, phrase, danish, partial, short_partial, danish_pair,
+danish_partial, two_letters) as `kind<TAB>language<TAB>query`, so a benchmark
+can time each kind. A summary line goes to stderr. Standard library only.
 """
 
 import argparse
@@ -47,7 +50,20 @@ PAGES_PER_NAME = 5  # each rare name occurs in about this many pages
 CHUNK = 1000  # pages per unit of parallel work; the output does not depend on --jobs
 LENGTH_MEDIAN, LENGTH_SIGMA = 3000, 0.55  # log-normal target length in characters
 LENGTH_MIN, LENGTH_MAX = 1500, 10_000  # targets; the text ends at a sentence in the last quarter
-KIND_RANKS = {"common": 0, "two_words": 2, "phrase": 4, "danish": 6, "partial": 8, "rare": 10}  # among popular
+KIND_RANKS = {  # places among the popular queries
+    "common": 0,
+    "two_words": 2,
+    "phrase": 4,
+    "danish": 6,
+    "partial": 8,
+    "rare": 10,
+    "short_partial": 12,
+    "danish_pair": 14,
+    "danish_partial": 16,
+    "two_letters": 18,
+}
+COMMON_WORDS = 100  # pairs of common words come from the first 100 content words
+PARTIAL_STEMS = 300  # partial words are 2-4 letters of one of the first 300
 DATE_START = datetime(2015, 1, 1, tzinfo=UTC)
 DATE_SPAN = int((datetime(2026, 10, 1, tzinfo=UTC) - DATE_START).total_seconds())
 TAIL_MASK = bytes(b & 0x0F for b in range(256))  # keeps 4 bits of a third byte: 20-bit tail indices
@@ -296,10 +312,16 @@ def popular_queries():
         ("phrase", "en", f'"{EN.phrases[0]}"'),
         ("danish", "da", next(w for w in DA.content if set(w) & set("æøå"))),
         ("partial", "en", next(w for w in EN.content if len(w) >= 9)[:5]),
+        ("short_partial", "en", next(w for w in EN.content if len(w) >= 7)[:4]),
+        ("danish_pair", "da", f"{DA.content[0]} {DA.content[2]}"),
+        ("danish_partial", "da", next(w for w in DA.content if len(w) >= 7)[:4]),
+        ("two_letters", "en", EN.content[5][:2]),
     ]
     others = [("en", w) for w in EN.content[1:26]] + [("da", w) for w in DA.content[:12]]
     others += [("en", f"{a} {b}") for a, b in zip(EN.content[30:36], EN.content[40:46])]
     others += [("en", f'"{p}"') for p in EN.phrases[1:3]]
+    others += [(lang.code, w[:n]) for lang in (EN, DA) for n, w in zip((2, 3, 4), lang.content[10:13])]
+    others += [("da", f"{a} {b}") for a, b in zip(DA.content[3:6], DA.content[7:10])]
     taken = {(lang, query) for _, lang, query in kinds}
     popular = [pair for pair in dict.fromkeys(others) if pair not in taken]
     for kind, lang, query in sorted(kinds, key=lambda row: KIND_RANKS[row[0]]):
@@ -313,7 +335,11 @@ def tail_queries(rng, count, pages, taken):
     while len(queries) < count:
         lang = EN if rng.random() < EN.share else DA
         roll = rng.random()
-        if roll < 0.45:
+        if roll < 0.12:  # a partial word: 2-4 letters of a common stem
+            query = rng.choice(lang.content[:PARTIAL_STEMS])[: rng.randint(2, 4)]
+        elif roll < 0.22:  # two common words
+            query = " ".join(rng.sample(lang.content[:COMMON_WORDS], 2))
+        elif roll < 0.50:
             query = f"{rng.choice(lang.content)} {rng.choice(lang.pseudo)}"
         elif roll < 0.85:
             query = rng.choice(lang.pseudo)

@@ -43,12 +43,14 @@ $$;
 -- normalised by the page length against the average (b = 0.75), and the sum
 -- saturates with k1 = 2.5 (Lucene's form, without BM25's constant (k1 + 1)
 -- factor). These values scored best on the CISI collection (bench/README.md
--- has the figures). One expression, so that PostgreSQL inlines it.
+-- has the figures). One expression, so that PostgreSQL inlines it, in
+-- float8 throughout (0.75 alone is numeric, whose arithmetic per posting
+-- was a large part of an index build).
 CREATE FUNCTION whoknows_impact(tf_title integer, tf_body integer, body_length integer, average_length float8)
 RETURNS smallint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT round(30000 * (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length))
-                 / (3 * tf_title + tf_body / (0.25 + 0.75 * body_length / average_length) + 2.5))::smallint
+    SELECT round(30000 * (3 * tf_title + tf_body / (0.25 + 0.75::float8 * body_length / average_length))
+                 / (3 * tf_title + tf_body / (0.25 + 0.75::float8 * body_length / average_length) + 2.5))::smallint
 $$;
 
 -- Per language: how many pages there are (exact, kept by the triggers), and
@@ -85,11 +87,15 @@ CREATE TABLE index_segments (
 
 -- entries packs each page with its impact and its floor (the lowest impact
 -- any lexeme of the page can have): page id * 2^32 + impact * 2^16 + floor.
+-- A row holds one impact level of a lexeme in a segment, or all of a short
+-- list at its best level (every entry of a row is at most its level). No
+-- foreign key to index_segments: checking it for every row cost a quarter of
+-- an index build; delete_index_segments deletes a segment's postings itself.
 CREATE TABLE postings (
     language text NOT NULL,
     lexeme   text COLLATE "C" NOT NULL,
     level    smallint NOT NULL,
-    segment  integer NOT NULL REFERENCES index_segments (id) ON DELETE CASCADE,
+    segment  integer NOT NULL,
     count    integer NOT NULL,
     entries  bigint[] NOT NULL,
     PRIMARY KEY (language, lexeme, level, segment)
@@ -115,15 +121,13 @@ CREATE TABLE index_queue (
 
 -- The triggers: statement-level, with transition tables, so a statement
 -- that writes many pages costs one aggregate, not one call per row. A bulk
--- import sets whoknows.bulk_load and rebuilds the statistics and the whole
--- index itself (cheaper than following a million rows here).
+-- import disables them for its transaction (ALTER TABLE ... DISABLE TRIGGER
+-- USER; PostgreSQL would otherwise still copy every written row into the
+-- transition tables) and rebuilds the statistics and the whole index itself.
 
 CREATE FUNCTION whoknows_pages_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     INSERT INTO index_queue (page_id) SELECT id FROM new_pages ON CONFLICT DO NOTHING;
     INSERT INTO corpus_stats AS c (language, pages)
     SELECT language, count(*) FROM new_pages GROUP BY language
@@ -142,9 +146,6 @@ $$;
 CREATE FUNCTION whoknows_pages_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     -- A changed page's postings describe its old text: they die now, and the
     -- page waits in the queue, where searches score it from its new text.
     WITH changed AS (
@@ -185,9 +186,6 @@ $$;
 CREATE FUNCTION whoknows_pages_deleted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('whoknows.bulk_load', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
     INSERT INTO dead_postings (segment, page_id)
     SELECT s.segment, s.page_id FROM page_segments AS s JOIN old_pages AS o ON o.id = s.page_id
     ON CONFLICT DO NOTHING;

@@ -1,8 +1,8 @@
 -- Writes the postings of the pages in index_batch into segment %(segment)s:
 -- for each language, lexeme and impact level (impact / 256), the pages'
--- entries, packed as page id * 2^32 + impact * 2^16 + floor, where floor is
--- the lowest impact any lexeme of that page can have (one title or one body
--- occurrence): a search that has read a lexeme's postings down to below a
+-- entries (a short list in one row, below), packed as page id * 2^32 +
+-- impact * 2^16 + floor, where floor is the lowest impact any lexeme of
+-- that page can have (one title or one body occurrence): a search that has read a lexeme's postings down to below a
 -- page's floor without meeting the page knows the page lacks the lexeme.
 -- Impacts use the page language's average body length in corpus_stats. A
 -- lexeme seen once in the body (most of them) gets the page's
@@ -34,7 +34,16 @@ FROM (
     GROUP BY p.language, u.lexeme
 ) AS term
 CROSS JOIN LATERAL (
+    -- A list of at least %(whole_below)s entries is split by impact level,
+    -- a shorter one (most lexemes) is one row at its best level: a search
+    -- reads it whole at once, and the index has far fewer rows to write.
     SELECT ((e >> 24) & 255)::smallint AS level, count(*)::integer AS count, array_agg(e) AS entries
     FROM unnest(term.entries) AS e
+    WHERE cardinality(term.entries) >= %(whole_below)s
     GROUP BY 1
+    UNION ALL
+    SELECT max((e >> 24) & 255)::smallint, count(*)::integer, array_agg(e)
+    FROM unnest(term.entries) AS e
+    WHERE cardinality(term.entries) < %(whole_below)s
+    HAVING count(*) > 0
 ) AS part

@@ -23,6 +23,8 @@ import pytest
 import yaml
 from helpers import dockerfile_instruction, free_port
 
+import app as whoknows
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -30,16 +32,16 @@ BIN = Path(sys.executable).parent
 # The compose file ##############################################################
 
 
-@pytest.fixture(scope="module")
-def compose():
-    """The compose file as `docker-compose config` resolves it with .env.example."""
+def compose_config(*profiles):
+    """The compose file as `docker-compose config` resolves it with .env.example, for those profiles."""
     binary = shutil.which("docker-compose")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("docker-compose is not installed (.ci/run installs it)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    options = [arg for profile in profiles for arg in ("--profile", profile)]
     result = subprocess.run(
-        [binary, "--env-file", ".env.example", "-f", "docker-compose.yml", "config"],
+        [binary, "--env-file", ".env.example", "-f", "docker-compose.yml", *options, "config"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -47,6 +49,18 @@ def compose():
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose():
+    """The compose file as `docker-compose config` resolves it with .env.example."""
+    return compose_config()
+
+
+@pytest.mark.parametrize("profiles", [(), ("replica",), ("monitoring",), ("replica", "monitoring")], ids=str)
+def test_compose_config_validates_with_every_profile(profiles):
+    services = compose_config(*profiles)["services"]
+    assert {"database", "migrate", "app", "nginx"} <= set(services)
 
 
 def test_compose_services_are_wired_as_documented(compose):
@@ -65,7 +79,11 @@ def test_compose_services_are_wired_as_documented(compose):
     assert app["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert app["restart"] == "always"
     assert app["environment"]["POSTGRES_SERVER"] == "database"
-    assert any(p["target"] == 8080 and int(p["published"]) == 8080 for p in app["ports"])
+    # Only nginx is published, so `--scale app=3` has no port to fight over.
+    assert "ports" not in app and "container_name" not in app
+    nginx = services["nginx"]
+    assert any(p["target"] == 8080 and int(p["published"]) == 8080 for p in nginx["ports"])
+    assert nginx["depends_on"]["app"]["condition"] == "service_healthy"
     assert list(compose["networks"]) == ["backend"]
     assert all(list(s["networks"]) == ["backend"] for s in services.values())
     assert "database" in compose["volumes"]
@@ -82,6 +100,137 @@ def test_credentials_stay_out_of_the_compose_file():
     example = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^([A-Z_]+)=", example, flags=re.M))
     assert referenced <= listed, referenced - listed
+
+
+def test_nginx_is_the_only_trusted_proxy(compose):
+    services = compose["services"]
+    nginx = services["nginx"]
+    assert any(str(v).startswith(f"{ROOT}/nginx/nginx.conf:/etc/nginx/nginx.conf") for v in nginx["volumes"]) or any(
+        isinstance(v, dict) and v.get("target") == "/etc/nginx/nginx.conf" for v in nginx["volumes"]
+    ), nginx["volumes"]
+    address = nginx["networks"]["backend"]["ipv4_address"]
+    assert services["app"]["environment"]["TRUSTED_PROXIES"] == f"{address}/32"
+    upstream = re.search(r"upstream app \{(.*?)\}", (ROOT / "nginx" / "nginx.conf").read_text(), re.S).group(1)
+    assert re.search(r"^\s*server app:8080 resolve\b", upstream, re.M), "nginx must re-resolve app for --scale"
+
+
+def test_replica_profile_adds_a_standby_of_the_database_from_the_same_image(compose):
+    services = compose["services"]
+    if "replica" not in services:  # some compose versions drop inactive profiles
+        services = compose_config("replica")["services"]
+    replica, database = services["replica"], services["database"]
+    assert replica["profiles"] == ["replica"]
+    assert replica["build"]["context"] == database["build"]["context"]
+    assert replica["image"] == database["image"]
+    assert replica["entrypoint"] == ["replica-entrypoint.sh"]
+    assert replica["environment"]["PRIMARY_HOST"] == "database"
+    assert replica["depends_on"]["database"]["condition"] == "service_healthy"
+    assert any(
+        str(v).startswith("replica:") or (isinstance(v, dict) and v.get("source") == "replica")
+        for v in replica["volumes"]
+    )
+    assert "replica" in compose["volumes"]
+    assert "pg_isready" in " ".join(replica["healthcheck"]["test"])
+    # The app reads from it when .env names it; blank (the default) means the primary.
+    assert services["app"]["environment"]["POSTGRES_REPLICA_SERVER"] == ""
+    entrypoint = (ROOT / "database" / "replica-entrypoint.sh").read_text()
+    assert "pg_basebackup" in entrypoint and " -R " in entrypoint and "PG_VERSION" in entrypoint
+    dockerfile = (ROOT / "database" / "Dockerfile").read_text()
+    assert "COPY replica-entrypoint.sh /usr/local/bin/" in dockerfile
+    assert "COPY init-replication.sh /docker-entrypoint-initdb.d/" in dockerfile
+
+
+def test_the_replication_init_script_creates_the_role_a_standby_clones_with(tmp_path):
+    """database/init-replication.sh, run as the image runs it (psql, PGDATA),
+    on a fresh primary; then pg_basebackup connects as that role."""
+    from replication import StreamingPair
+
+    pair = StreamingPair()
+    try:
+        pair.run(
+            "initdb",
+            "-D",
+            pair.primary.pgdata,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-U",
+            "postgres",
+            "--no-sync",
+        )
+        pair.primary.start()
+        env = {
+            **os.environ,
+            "PATH": f"{pair.bindir}{os.pathsep}{os.environ['PATH']}",
+            "PGDATA": str(pair.primary.pgdata),
+            "PGHOST": str(pair.folder),
+            "PGPORT": str(pair.primary.port),
+            "POSTGRES_USER": "postgres",
+            "POSTGRES_DB": "postgres",
+            "REPLICATION_PASSWORD": "a-replication-password",
+        }
+        script = ROOT / "database" / "init-replication.sh"
+        done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, user=pair.user)
+        assert done.returncode == 0, done.stderr
+        assert "host replication replicator all scram-sha-256" in (pair.primary.pgdata / "pg_hba.conf").read_text()
+        refused = subprocess.run(
+            ["sh", str(script)],
+            env={**env, "REPLICATION_PASSWORD": "change-me"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            user=pair.user,
+        )
+        assert refused.returncode != 0 and "placeholder" in refused.stderr
+        clone = subprocess.run(
+            [
+                pair.binary("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(pair.primary.port),
+                "-U",
+                "replicator",
+                "-D",
+                str(pair.folder / "clone"),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            env={**os.environ, "PGPASSWORD": "a-replication-password"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            user=pair.user,
+        )
+        assert clone.returncode == 0, clone.stderr
+        assert (pair.folder / "clone" / "standby.signal").exists()
+        assert "user=replicator" in (pair.folder / "clone" / "postgresql.auto.conf").read_text()
+    finally:
+        pair.cleanup()
+
+
+def test_shipped_nginx_config_is_accepted_by_nginx_and_has_the_limits():
+    from cluster import Nginx, nginx_binary
+
+    text = (ROOT / "nginx" / "nginx.conf").read_text()
+    for directive in ("client_header_timeout", "client_body_timeout", "send_timeout", "proxy_next_upstream"):
+        assert re.search(rf"^\s*{directive} \S+", text, re.M), directive
+    body_limit = re.search(r"^\s*client_max_body_size (\d+)m;", text, re.M)
+    assert body_limit and int(body_limit.group(1)) * 1024 * 1024 == whoknows.MAX_BODY_BYTES
+    assert re.search(r"proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;", text)
+    if nginx_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (.ci/run installs it)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    nginx = Nginx(free_port(), [free_port(), free_port()])
+    try:
+        status, output = nginx.check()
+    finally:
+        nginx.stop()
+    assert status == 0, output
 
 
 # The images ######################################################################
@@ -135,7 +284,9 @@ def check_config_with(tmp_path):
         shutil.chown(data, user)
     initdb(["--auth=trust", "-U", "postgres"], pgdata=data, user=user, timeout=60)
     # -C shows shared_buffers in 8 kB pages: 131072 pages = 1GB.
-    for name, expected in [("shared_buffers", "131072"), ("jit", "off"), ("random_page_cost", "1.1")]:
+    checks = [("shared_buffers", "131072"), ("jit", "off"), ("random_page_cost", "1.1")]
+    checks += [("wal_level", "replica"), ("hot_standby_feedback", "on"), ("wal_keep_size", "1024")]
+    for name, expected in checks:
         shown = postgres(["-C", name, "-c", f"config_file={config}"], pgdata=data, user=user, timeout=30)
         assert shown.strip() == expected, (name, shown)
 
@@ -243,6 +394,17 @@ def test_request_log_has_one_line_per_request_and_no_secrets(deployed):
     assert "hunter2-secret" not in output and token not in output and "privatewords" not in output
 
 
+def wait_for_a_search_blocked_on_the_lock(url):
+    """Return once a query of the app waits for a table lock (at most 10 s)."""
+    with psycopg.connect(url, autocommit=True) as watcher:
+        deadline = time.monotonic() + 10
+        while not watcher.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone():
+            assert time.monotonic() < deadline, "the search never started waiting"
+            time.sleep(0.05)
+
+
 def test_sigterm_finishes_the_request_in_flight(deployed):
     base, process = deployed["base"], deployed["process"]
     locker = psycopg.connect(deployed["url"])
@@ -250,13 +412,7 @@ def test_sigterm_finishes_the_request_in_flight(deployed):
     result = {}
     slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), get(f"{base}/api/search?q=slow", 30))))
     slow.start()
-    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        ).fetchone():
-            assert time.monotonic() < deadline, "the search never started waiting"
-            time.sleep(0.05)
+    wait_for_a_search_blocked_on_the_lock(deployed["url"])
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     with pytest.raises(OSError):  # no longer accepting connections
@@ -283,7 +439,7 @@ def test_sigterm_answers_the_request_in_flight_whole_and_closes_idle_connections
         )
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     idle.request("GET", "/healthz")
-    assert idle.getresponse().read() == b'{"status": "ok"}'  # the connection stays open
+    assert json.loads(idle.getresponse().read())["status"] == "ok"  # the connection stays open
     locker = psycopg.connect(deployed["url"])
     locker.execute("LOCK TABLE pages IN ACCESS EXCLUSIVE MODE")
     busy = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -296,13 +452,7 @@ def test_sigterm_answers_the_request_in_flight_whole_and_closes_idle_connections
 
     thread = threading.Thread(target=ask)
     thread.start()
-    with psycopg.connect(deployed["url"], autocommit=True) as watcher:
-        deadline = time.monotonic() + 10
-        while not watcher.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        ).fetchone():
-            assert time.monotonic() < deadline, "the search never started waiting"
-            time.sleep(0.05)
+    wait_for_a_search_blocked_on_the_lock(deployed["url"])
     process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert process.poll() is None, "it must not exit with a request in flight"
@@ -331,7 +481,13 @@ def test_monitoring_profile_scrapes_the_app_from_the_allowed_address(compose):
     assert services["app"]["environment"]["METRICS_ALLOW"] == f"{address}/32"
     config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     job = config["scrape_configs"][0]
-    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["app:8080"]
+    # Every app process is scraped (docker compose up --scale app=N), found by name.
+    assert job["metrics_path"] == "/metrics" and job["dns_sd_configs"][0] == {
+        "names": ["app"],
+        "type": "A",
+        "port": 8080,
+        "refresh_interval": "15s",
+    }
 
 
 def test_dashboard_queries_use_metrics_the_app_exports(client):

@@ -151,9 +151,10 @@ def test_metrics_are_scraped_in_prometheus_text_format(client, add_page):
     assert samples[("whoknows_logins_total", ())] == 1
     assert samples[("whoknows_failed_logins_total", ())] == 1
     assert samples[("whoknows_database_up", ())] == 1
-    assert samples[("whoknows_db_pool_size", ())] >= 1
-    assert ("whoknows_db_pool_connections_in_use", ()) in samples
-    assert ("whoknows_db_pool_requests_waiting", ()) in samples
+    primary = (("pool", "primary"),)
+    assert samples[("whoknows_db_pool_size", primary)] >= 1
+    assert ("whoknows_db_pool_connections_in_use", primary) in samples
+    assert ("whoknows_db_pool_requests_waiting", primary) in samples
 
 
 def test_metrics_report_the_database_down(client, proxy):

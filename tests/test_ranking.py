@@ -151,10 +151,12 @@ def random_queries(rng):
     return queries
 
 
-@pytest.fixture
-def random_corpus(app, db, tmp_path, monkeypatch):
+@pytest.fixture(params=[0, 256], ids=["lists-by-level", "short-lists-whole"])
+def random_corpus(app, db, tmp_path, monkeypatch, request):
     """300 pages imported in two imports and some single-page changes, so
-    that several segments and dead postings are in play."""
+    that several segments and dead postings are in play; every posting list
+    split by impact level, or (as by default) the short ones in one row."""
+    monkeypatch.setattr(whoknows, "WHOLE_LIST_BELOW", request.param)
     rng = random.Random(7)
     pages = [random_page(rng, n) for n in range(300)]
     monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 100)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cluster import Nginx, nginx_binary
 from helpers import dockerfile_instruction, free_port
 
 import app as whoknows
@@ -188,3 +189,18 @@ def tool(name):
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def start_nginx(*apps):
+    """Debian's nginx with the shipped config, in front of the given RunningApps."""
+    if nginx_binary() is None:
+        tool("nginx")  # fails in CI, skips elsewhere
+    return Nginx(free_port(), [app.port for app in apps]).start()
+
+
+@pytest.fixture(scope="session")
+def nginx_front(running_app):
+    """nginx/nginx.conf in front of the session's app, as compose runs it."""
+    proxy = start_nginx(running_app)
+    yield proxy
+    proxy.stop()

@@ -794,72 +794,93 @@ def test_the_channel_timeout_closes_an_idle_client(short_timeout_app, sent):
     assert 3 - 0.5 <= seconds <= 3 + 1 + 1.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waitress has no total request-read timeout: any byte resets the channel timeout. "
-    "Production needs a reverse proxy with header/body read timeouts (README, Production).",
-)
-def test_the_channel_timeout_closes_a_slow_drip_client(short_timeout_app):
-    """The Dockerfile says channel-timeout 'drops idle or slow-drip clients'.
-    A client that sends one header byte a second is never idle for 3 s: it must
-    still be dropped, or enough of them hold every connection slot for ever."""
+def nginx_header_timeout():
+    """The shipped nginx config's client_header_timeout, in seconds."""
+    text = (ROOT / "nginx" / "nginx.conf").read_text()
+    return int(re.search(r"^\s*client_header_timeout (\d+)s;", text, re.M).group(1))
+
+
+def test_waitress_alone_cannot_drop_a_slow_drip_client(short_timeout_app):
+    """Why nginx is in front: a client that sends one header byte a second is
+    never idle for waitress's 3 s channel timeout, so waitress keeps it."""
     sock = socket.create_connection(("127.0.0.1", short_timeout_app.port), timeout=5)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
     try:
-        seconds = seconds_until_closed(sock, 12, drip=iter(lambda: b"d", None))
+        seconds = seconds_until_closed(sock, 8, drip=iter(lambda: b"d", None))
     finally:
         sock.close()
-    print(f"\nslow-drip client closed after {seconds} s (channel-timeout=3, cleanup-interval=1)")
+    assert seconds is None, f"waitress closed a slow-drip client after {seconds} s: nginx may no longer be needed"
+
+
+def test_the_proxy_closes_a_slow_drip_client(nginx_front):
+    """A client that sends one header byte a second must still be dropped, or
+    enough of them hold every connection slot for ever. waitress cannot (see
+    above); nginx's client_header_timeout is a deadline for the whole header."""
+    timeout = nginx_header_timeout()
+    sock = socket.create_connection(("127.0.0.1", nginx_front.port), timeout=5)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
+    try:
+        seconds = seconds_until_closed(sock, timeout + 5, drip=iter(lambda: b"d", None))
+    finally:
+        sock.close()
+    print(f"\nslow-drip client closed by nginx after {seconds} s (client_header_timeout {timeout} s)")
     assert seconds is not None, (
-        "a client dripping one header byte a second was still connected after 12 s, 4 times the channel timeout of 3 s"
+        f"a client dripping one header byte a second was still connected after {timeout + 5} s "
+        f"(nginx client_header_timeout {timeout} s)"
     )
+    assert seconds >= timeout - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waitress has no total request-read timeout: any byte resets the channel timeout. "
-    "Production needs a reverse proxy with header/body read timeouts (README, Production).",
-)
-def test_slow_drip_clients_at_the_connection_limit_do_not_lock_out_others_for_ever(app_database):
-    """The production command as it is: --connection-limit slow-drip clients
-    (one header byte every 5 s, so never idle for the channel timeout). Once the
-    channel timeout and a cleanup interval have passed, they must have been
-    dropped, and a normal request is served again."""
+def test_slow_drip_clients_at_the_connection_limit_do_not_lock_out_others_for_ever(nginx_front):
+    """As many slow-drip clients as the app accepts connections (one header
+    byte every 5 s, so never idle for the channel timeout), through nginx as
+    production runs. Meanwhile and after nginx's header timeout, a normal
+    request is served, and the slow clients have been dropped."""
     limit = int(served("connection-limit"))
-    patience = int(served("channel-timeout")) + int(served("cleanup-interval")) + 5
-    server = RunningApp(app_database)
-    socks, stop = [], threading.Event()
+    patience = nginx_header_timeout() + 5
+    socks, stop, dropped = [], threading.Event(), set()
 
     def drip():
         while not stop.wait(5):
-            for sock in socks:
+            for n, sock in enumerate(socks):
                 try:
                     sock.send(b"d")
                 except OSError:
-                    pass  # dropped by the server: what should happen
+                    dropped.add(n)  # dropped by nginx: what should happen
 
     try:
         for _ in range(limit):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", nginx_front.port), timeout=5)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
             socks.append(sock)
         dripper = threading.Thread(target=drip, daemon=True)
         dripper.start()
+        meanwhile = request(nginx_front.base, "GET", "/healthz", timeout=5)[0]
         time.sleep(patience)
         try:
-            status, _, _, seconds = request(server.base, "GET", "/healthz", timeout=5)
+            status, _, _, seconds = request(nginx_front.base, "GET", "/healthz", timeout=5)
         except OSError as exc:
             status, seconds = repr(exc), None
-        print(f"\n{limit} slow-drip clients for {patience} s: a normal GET /healthz -> {status} in {seconds} s")
-        assert status == 200, (
-            f"with {limit} clients dripping a byte every 5 s, a normal request still got {status} "
-            f"after {patience} s (channel-timeout + cleanup-interval + 5 s)"
+        for n, sock in enumerate(socks):
+            sock.setblocking(False)
+            try:
+                if sock.recv(1) == b"":
+                    dropped.add(n)
+            except BlockingIOError:
+                pass
+            except OSError:
+                dropped.add(n)
+        print(
+            f"\n{limit} slow-drip clients through nginx: a normal GET /healthz meanwhile -> {meanwhile}, "
+            f"after {patience} s -> {status} in {seconds} s; {len(dropped)} slow clients dropped"
         )
+        assert meanwhile == 200, "the slow clients locked others out while they dripped"
+        assert status == 200, f"with {limit} clients dripping a byte every 5 s, a normal request got {status}"
+        assert len(dropped) == limit, f"only {len(dropped)} of {limit} slow-drip clients were dropped"
     finally:
         stop.set()
         for sock in socks:
             sock.close()
-        server.stop()
 
 
 # 5. Concurrent migrations #####################################################
