@@ -2979,6 +2979,7 @@ def rebuild_index(conn, progress=None):
         conn.execute(sql("clear_index_batch"))
     conn.execute(sql("clear_term_stats"))
     conn.execute(sql("count_term_stats"))
+    conn.execute(sql("reset_index_build_memory"))  # the caller's later queries want sorts again
 
 
 # Reports ######################################################################

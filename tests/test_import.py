@@ -214,6 +214,18 @@ def test_bulk_import_rebuilds_the_title_index_and_the_whole_search_index(app, tm
     assert client.get("/api/search", {"q": "small"}).json["data"][0]["title"] == "Title 9"
 
 
+def test_a_bulk_import_leaves_its_transaction_with_the_usual_planner_settings(app, tmp_path, monkeypatch):
+    """The index build turns sorts off and raises work_mem for itself only:
+    the caller's later queries in the same transaction (the crawler's) plan as usual."""
+    monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
+    records = [(n, page(n), None) for n in range(1, 6)]
+    with app.db.transaction() as conn:
+        before = {name: conn.execute(f"SHOW {name}").fetchone()[name] for name in ("enable_sort", "work_mem")}
+        _, bulk = whoknows.import_pages(conn, records, io.StringIO())
+        after = {name: conn.execute(f"SHOW {name}").fetchone()[name] for name in ("enable_sort", "work_mem")}
+    assert bulk and after == before
+
+
 def test_a_long_import_shows_its_progress_in_a_log(app, tmp_path, db, monkeypatch):
     source = write_jsonl(tmp_path / "pages.jsonl", [page(n) for n in range(1, 4)])
     _, quick = import_quietly(source, app.db)
