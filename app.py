@@ -7,7 +7,8 @@ Sections, in the order a request travels through them, then the batch work:
   Requests      reading parameters, JSON or HTML, error bodies
   Security      the secret key, passwords, sessions, flash messages, cross-site checks
   Accounts      the rules for usernames and passwords, the login throttle
-  Search        reading a query, running it, the result cache, snippets, the search log
+  Search        parsing a query, BM25F ranking over the postings (exact top k),
+                the result cache, snippets, the search log
   Weather       the provider and its cache in PostgreSQL
   Metrics       Prometheus counters and who may read them
   Pages         templates and the HTML views
@@ -15,9 +16,10 @@ Sections, in the order a request travels through them, then the batch work:
   Errors        error pages and the plugins that guard every view
   Application   make_app(settings): one app with its routes, plugins and hooks
   Import        pages from JSON Lines or a legacy whoknows.db
+  Index         building the ranking index: segments, the queue, full rebuilds
   Reports       the search log's report
   Serving       waitress, and a graceful stop on SIGTERM
-  Command line  serve, migrate, import, searches; crawl runs crawler.py
+  Command line  serve, migrate, import, reindex, search, searches; crawl runs crawler.py
 
 Run `python app.py --help`.
 """

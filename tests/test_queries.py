@@ -1,5 +1,6 @@
 """Every query file is documented, parameterized, and used by the app or the crawler."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,11 @@ def test_query_file_is_documented_and_used(path):
 def test_unknown_query_fails_loudly():
     with pytest.raises(LookupError, match="queries/nope.sql"):
         whoknows.sql("nope")
+
+
+@pytest.mark.parametrize("module", ["app.py", "crawler.py"])
+def test_the_table_of_contents_names_every_section_in_order(module):
+    text = (ROOT / module).read_text(encoding="utf-8")
+    contents = re.findall(r"^  (\w[\w ]*?) {2,}\S", text.split('"""')[1], re.MULTILINE)
+    sections = re.findall(r"^# (.+?) #{5,}$", text, re.MULTILINE)
+    assert contents == sections
