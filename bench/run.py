@@ -613,7 +613,9 @@ def write_report(args, mix, load, size, report, settings):
     lines += [f"| {name} | {bytes_ / 2**20:,.1f} MB |" for name, bytes_ in size.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = BENCH / "results" / f"{args.pages}-{stamp}.md"
+    # Two runs in one minute (on two servers) must not overwrite each other.
+    suffix = "-BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else ""
+    out = BENCH / "results" / f"{args.pages}-{stamp}{suffix}.md"
     out.write_text(text)
     log(f"written to {out.relative_to(ROOT)}")
 
