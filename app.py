@@ -1450,9 +1450,12 @@ class Ranker:
             self.rounds += 1
             self.read(depth)
             # The next round would read about three times what is read so
-            # far: look pages up in their vectors for as much instead.
+            # far: look pages up in their vectors for as much instead. Once
+            # every posting is read there is nothing deeper to read, so the
+            # open pages are looked up whatever that costs: a budget there
+            # would loop for ever (a filter that leaves hundreds open did).
             budget = max(RANDOM_ACCESS_LIMIT * ENTRIES_PER_RANDOM_ACCESS, 3 * self.entries_read)
-            decided = self.decide(k, budget)
+            decided = self.decide(k, math.inf if depth == math.inf else budget)
             if decided is not None:
                 return decided
             depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4

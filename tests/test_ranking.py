@@ -4,6 +4,7 @@ exhaustive evaluation, and statistics that follow every change."""
 import io
 import json
 import random
+import threading
 
 import pytest
 import webtest
@@ -194,6 +195,32 @@ def test_a_deep_search_reads_more_rounds_and_still_agrees(db, random_corpus, mon
         rounds.append(ranker.rounds)
         assert top == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)], q
     assert max(rounds) > 2  # the shallow start made it read deeper
+
+
+def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, db, tmp_path, monkeypatch):
+    """A filter (-word) leaves every candidate open until its vector is
+    checked; 150 identical pages all tie with the 10th, more than one round's
+    budget of checks (64 at the defaults). Once everything is read the search
+    must look them all up and end, with the exact answer (it looped for ever)."""
+    pages = [
+        {"title": f"Page {n}", "url": f"https://example.org/tie/{n}", "language": "en", "content": "search engines"}
+        for n in range(150)
+    ]
+    path = tmp_path / "ties.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
+    whoknows.import_file(app.db, path, out=io.StringIO())
+    answers = {}
+
+    def rank_all():
+        for q in ["search -x1", "search -x1 page", '"search engines" -x2']:
+            answers[q] = (ranking(db, q, 10), ranking(db, q, 31), ranking(db, q, 10, how="vectors"))
+
+    worker = threading.Thread(target=rank_all, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "a search never ended"
+    for q, (fast, deeper, exhaustive) in answers.items():
+        assert fast == exhaustive and deeper[:10] == exhaustive, q
 
 
 def test_pages_not_indexed_yet_are_found_and_ranked_exactly(client, add_page, db):
