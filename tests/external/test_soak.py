@@ -218,4 +218,8 @@ def test_soak_mixed_load_keeps_memory_and_connections_flat(private_postgres, tmp
         f"memory grew: low-decile RSS {low_warm:.1f} MB in {warm} s, {low_last:.1f} MB in {last} s "
         f"(medians {rss_warm:.1f} and {rss_last:.1f} MB)"
     )
-    assert conns_last_mean <= conns_first_max, (conns_first_max, conns_last_mean)
+    # Flat, not growing: later minutes may reach what the server can use at
+    # once (a connection per waitress thread, and the search log's writer)
+    # even if the first minute did not; beyond that would be a leak.
+    ceiling = max(conns_first_max, whoknows.Settings.from_env(environ={}, dotenv_path=None).threads + 1)
+    assert conns_last_mean <= ceiling, (conns_first_max, conns_last_mean, ceiling)
