@@ -1589,29 +1589,28 @@ class Ranker:
         ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
         return ranked[:k]
 
+    def vector_rows(self, query, page_ids):
+        """Run a vector query (check_pages, score_pages) for these pages; return the rows of
+        those that pass the filters, and mark the others (and any deleted
+        meanwhile) rejected."""
+        rows = self.conn.execute(query, {**self.search.params(), "page_ids": page_ids}).fetchall()
+        passing = [row for row in rows if row["phrases_ok"] and not row["excluded"]]
+        self.rejected.update(set(page_ids) - {row["id"] for row in passing})
+        return passing
+
     def check_pages(self, page_ids):
         """Look up which query terms these pages contain (and check the filters)."""
         self.checks += len(page_ids)
-        rows = self.conn.execute(sql("check_pages"), {**self.search.params(), "page_ids": page_ids}).fetchall()
-        for row in rows:
-            if not row["phrases_ok"] or row["excluded"]:
-                self.rejected.add(row["id"])
-            else:
-                self.present[row["id"]] = {term - 1 for term in row["terms"]}
-        self.rejected.update(set(page_ids) - set(self.present) - self.rejected)  # deleted meanwhile
+        for row in self.vector_rows(sql("check_pages"), page_ids):
+            self.present[row["id"]] = {term - 1 for term in row["terms"]}
 
     def score_pages(self, page_ids):
         """Score pages exactly from their own vectors (and check the filters)."""
         self.random_accesses += len(page_ids)
-        rows = self.conn.execute(sql("score_pages"), {**self.search.params(), "page_ids": page_ids}).fetchall()
-        for row in rows:
-            if not row["phrases_ok"] or row["excluded"]:
-                self.rejected.add(row["id"])
-                continue
+        for row in self.vector_rows(sql("score_pages"), page_ids):
             matched, score = self.search.score(row["terms"], row["impacts"])
             full = matched == self.search.all_groups
             self.exact[row["id"]] = Candidate(row["id"], score, score, matched, full, True)
-        self.rejected.update(set(page_ids) - set(self.exact) - self.rejected)  # deleted meanwhile
 
     def score_queued(self):
         """Score the new pages that wait to be indexed (they have no postings yet)."""
