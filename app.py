@@ -1140,10 +1140,14 @@ PREFIX_EXPANSIONS = 8
 COMPLETION_WEIGHT = 0.5
 # A search reads each term's best postings first: INITIAL_DEPTH entries, four
 # times more at each of at most MAX_ROUNDS further rounds, then everything.
+# It reads everything at once when the rest is at most READ_REST_RATIO times
+# what the next round would read, or READ_REST_BELOW entries (about 3 ms):
+# the rounds saved cost more in round trips (bench/README.md).
 # Pages whose place is still open are scored from their own vector when
 # that is cheaper than reading deeper (RANDOM_ACCESS_LIMIT at least).
 INITIAL_DEPTH = 256
 MAX_ROUNDS = 4
+READ_REST_BELOW, READ_REST_RATIO = 20000, 2
 RANDOM_ACCESS_LIMIT = 64
 # Looking a page up in its vector costs about as much as reading
 # ENTRIES_PER_CHECK entries (which terms it has) or ENTRIES_PER_RANDOM_ACCESS
@@ -1284,6 +1288,13 @@ class Term:
                 below = self.levels[index + 1 : index + 2]
                 return level, ((below[0] + 1) * LEVEL_WIDTH - 1) if below else 0
         return 0, 0
+
+    def unread(self, read_to, depth):
+        """Return (rest, next): the entries below level read_to, and how many of
+        them reading to depth entries would add."""
+        low = min(self.plan(depth)[0], read_to)
+        rest = sum(count for level, count in zip(self.levels, self.counts) if level < read_to)
+        return rest, sum(count for level, count in zip(self.levels, self.counts) if low <= level < read_to)
 
 
 @dataclasses.dataclass
@@ -1459,6 +1470,10 @@ class Ranker:
             if decided is not None:
                 return decided
             depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
+            if depth != math.inf:
+                rest, upcoming = map(sum, zip(*(t.unread(r, depth) for t, r in zip(self.search.terms, self.read_to))))
+                if rest <= max(READ_REST_BELOW, READ_REST_RATIO * upcoming):
+                    depth = math.inf
 
     def read(self, depth):
         """Read every term's postings down to depth entries (whole levels)."""

@@ -184,17 +184,34 @@ def test_the_fast_path_finds_the_exact_top_k(db, random_corpus, k):
         assert ranking(db, q, k, how="exact") == exhaustive, q
 
 
-def test_a_deep_search_reads_more_rounds_and_still_agrees(db, random_corpus, monkeypatch):
-    monkeypatch.setattr(whoknows, "INITIAL_DEPTH", 2)
-    monkeypatch.setattr(whoknows, "RANDOM_ACCESS_LIMIT", 1)
+def rounds_and_agreement(db, queries):
+    """Return the rounds of each fast search, asserting it found the exhaustive top 10."""
     rounds = []
-    for q in random_queries(random_corpus)[:20]:
+    for q in queries:
         search = whoknows.look_up(db, whoknows.parse_query(q), "en")
         ranker = whoknows.Ranker(db, search)
         top = [c.page_id for c in ranker.top(10)]
         rounds.append(ranker.rounds)
         assert top == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)], q
+    return rounds
+
+
+def test_a_deep_search_reads_more_rounds_and_still_agrees(db, random_corpus, monkeypatch):
+    monkeypatch.setattr(whoknows, "INITIAL_DEPTH", 2)
+    monkeypatch.setattr(whoknows, "RANDOM_ACCESS_LIMIT", 1)
+    monkeypatch.setattr(whoknows, "READ_REST_BELOW", 0)
+    monkeypatch.setattr(whoknows, "READ_REST_RATIO", 0)
+    rounds = rounds_and_agreement(db, random_queries(random_corpus)[:20])
     assert max(rounds) > 2  # the shallow start made it read deeper
+
+
+def test_a_search_reads_a_small_rest_at_once(db, random_corpus, monkeypatch):
+    monkeypatch.setattr(whoknows, "INITIAL_DEPTH", 2)
+    monkeypatch.setattr(whoknows, "RANDOM_ACCESS_LIMIT", 1)
+    # Every list of the test corpus is far below READ_REST_BELOW: the second
+    # round reads everything, where rounds four times deeper would take more.
+    rounds = rounds_and_agreement(db, random_queries(random_corpus)[:20])
+    assert max(rounds) == 2
 
 
 def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, db, tmp_path, monkeypatch):
