@@ -1277,6 +1277,7 @@ class Term:
     df: int
     levels: list
     counts: list
+    first: tuple | None = None  # (level, segments, chunks): the first round, read with the lookup
 
     def plan(self, depth):
         """Return (min_level, bound): read the levels down to min_level to get
@@ -1373,7 +1374,9 @@ def look_up(conn, query, language):
             "prefix_group": query.prefix,
             "prefix_pattern": like_prefix(prefix_word) if prefix_word else None,
             "expansions": PREFIX_EXPANSIONS if prefix_word else 0,
+            "depth": INITIAL_DEPTH,
         },
+        binary=True,
     ).fetchall()
     pages = rows[0]["corpus_pages"] or 0 if rows else 0
     average = rows[0]["average_length"] if rows else None
@@ -1394,8 +1397,19 @@ def look_up(conn, query, language):
             weight = COMPLETION_WEIGHT * min(weight, typed.get(row["grp"], weight))
         else:
             typed[row["grp"]] = max(typed.get(row["grp"], 0), weight)
+        first = None
+        if row["first_level"] is not None:
+            first = (row["first_level"], row["segments"] or [], row["chunks"] or [])
         terms.append(
-            Term(row["lexeme"], row["grp"], round(weight), row["df"], row["levels"] or [], row["level_counts"] or [])
+            Term(
+                row["lexeme"],
+                row["grp"],
+                round(weight),
+                row["df"],
+                row["levels"] or [],
+                row["level_counts"] or [],
+                first,
+            )
         )
     return Search(query, language, terms, pages, average, has_dead, has_queued)
 
@@ -1419,11 +1433,17 @@ ENTRY = numpy.dtype([("length", ">i4"), ("value", ">i8")])
 TIER = 1 << 40  # above any score: a key of tier * TIER + score orders pages by (matches every group, score)
 
 
-def decode_entries(raw):
-    """Return the entries of a bigint[] in array_send's binary form as an int64 array."""
-    if int.from_bytes(raw[:4], "big") == 0:  # no dimensions: empty
-        return numpy.empty(0, numpy.int64)
-    return numpy.frombuffer(raw, ENTRY, offset=20)["value"].astype(numpy.int64)
+def decode_chunks(segments, chunks, with_segments):
+    """Return the entries of posting rows (bigint[] chunks in array_send's
+    binary form, one per row) as one int64 array, and, if with_segments, the
+    segment of each entry (else None)."""
+    # A chunk is 20 bytes of header (dimensions, flags, type, length, lower
+    # bound), then its elements; an empty array has no dimensions.
+    bodies = [raw[20:] if int.from_bytes(raw[:4], "big") else b"" for raw in chunks]
+    entries = numpy.frombuffer(b"".join(bodies), ENTRY)["value"].astype(numpy.int64)
+    if not with_segments:
+        return entries, None
+    return entries, numpy.repeat(numpy.array(segments, numpy.int64), [len(body) // ENTRY.itemsize for body in bodies])
 
 
 class Ranker:
@@ -1480,35 +1500,44 @@ class Ranker:
         search = self.search
         plans = [term.plan(depth) for term in search.terms]
         lows = [min(level, upper) for (level, _), upper in zip(plans, self.read_to)]
-        params = {
-            "language": search.language,
-            "lexemes": search.lexemes,
-            "min_levels": lows,
-            "max_levels": self.read_to,
-        }
-        rows = [
-            (row["term"] - 1, row["segment"], decode_entries(row["entries"]))
-            for row in self.conn.execute(sql("fetch_postings"), params, binary=True)
-        ]
+        if self.entries_read == 0 and all(
+            term.first and term.first[0] == low and upper == LEVELS
+            for term, low, upper in zip(search.terms, lows, self.read_to)
+        ):  # the lookup read this round already
+            batches = [(index, *term.first[1:]) for index, term in enumerate(search.terms)]
+        else:
+            params = {
+                "language": search.language,
+                "lexemes": search.lexemes,
+                "min_levels": lows,
+                "max_levels": self.read_to,
+            }
+            batches = [
+                (row["term"] - 1, row["segments"], row["chunks"])
+                for row in self.conn.execute(sql("fetch_postings"), params, binary=True)
+            ]
+        rows = [(term, *decode_chunks(segments, chunks, search.has_dead)) for term, segments, chunks in batches]
         if search.has_dead and rows:
             rows = self.without_dead(rows)
-        for term, _, entries in rows:
+        for term, entries, _ in rows:
             self.entries[term].append(entries)
             self.entries_read += len(entries)
         self.read_to = lows
         self.bounds = [min(bound, plan[1]) for bound, plan in zip(self.bounds, plans)]
 
     def without_dead(self, rows):
-        """Return the rows without the entries that belong to a page's old text."""
-        pages = numpy.unique(numpy.concatenate([entries >> 32 for _, _, entries in rows]))
+        """Return the rows (term, entries, their segments) without the entries
+        that belong to a page's old text."""
+        pages = numpy.unique(numpy.concatenate([entries >> 32 for _, entries, _ in rows]))
         dead = self.conn.execute(sql("find_dead_postings"), {"page_ids": pages.tolist()}).fetchall()
         if not dead:
             return rows
-        pairs = {(row["segment"], row["page_id"]) for row in dead}
+        gone = numpy.array([row["segment"] << 32 | row["page_id"] for row in dead], numpy.int64)
         kept = []
-        for term, segment, entries in rows:
-            gone = [page for seg, page in pairs if seg == segment]
-            kept.append((term, segment, entries[~numpy.isin(entries >> 32, gone)] if gone else entries))
+        for term, entries, segments in rows:
+            keys = segments << 32 | entries >> 32
+            keep = ~numpy.isin(keys, gone)
+            kept.append((term, entries[keep], segments[keep]))
         return kept
 
     def state(self):

@@ -152,12 +152,17 @@ def random_queries(rng):
     return queries
 
 
-@pytest.fixture(params=[0, 256], ids=["lists-by-level", "short-lists-whole"])
+@pytest.fixture(
+    params=[(0, True), (256, True), (256, False)], ids=["lists-by-level", "short-lists-whole", "no-dead-postings"]
+)
 def random_corpus(app, db, tmp_path, monkeypatch, request):
     """300 pages imported in two imports and some single-page changes, so
     that several segments and dead postings are in play; every posting list
-    split by impact level, or (as by default) the short ones in one row."""
-    monkeypatch.setattr(whoknows, "WHOLE_LIST_BELOW", request.param)
+    split by impact level, or (as by default) the short ones in one row.
+    Without the changes, no posting is dead, and each search's first round
+    comes with its lookup (lookup_terms)."""
+    whole_below, changes = request.param
+    monkeypatch.setattr(whoknows, "WHOLE_LIST_BELOW", whole_below)
     rng = random.Random(7)
     pages = [random_page(rng, n) for n in range(300)]
     monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 100)
@@ -167,12 +172,20 @@ def random_corpus(app, db, tmp_path, monkeypatch, request):
     second = tmp_path / "second.jsonl"
     second.write_text("".join(json.dumps(p) + "\n" for p in pages[200:]))
     whoknows.import_file(app.db, second, out=io.StringIO())  # new segments
-    db.execute("UPDATE pages SET content = content || ' w0 w0' WHERE id % 17 = 0")
-    db.execute("DELETE FROM pages WHERE id % 23 = 0")
+    if changes:
+        db.execute("UPDATE pages SET content = content || ' w0 w0' WHERE id % 17 = 0")
+        db.execute("DELETE FROM pages WHERE id % 23 = 0")
+    else:  # new pages only: a new segment, and nothing dead
+        db.execute(
+            "INSERT INTO pages (title, url, language, content)"
+            " SELECT title, url || '/again', language, content || ' w1' FROM pages WHERE id % 7 = 0"
+        )
     with db.transaction():
         whoknows.index_queued(db)
     state = db.execute(whoknows.sql("get_index_state")).fetchone()
-    assert state["segments"] >= 2 and state["dead"] > 0 and state["queued"] == 0
+    assert state["segments"] >= 2 and (state["dead"] > 0) == changes and state["queued"] == 0
+    search = whoknows.look_up(db, whoknows.parse_query("w0 w5"), "en")
+    assert all((term.first is None) == changes for term in search.terms)
     return rng
 
 
