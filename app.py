@@ -1466,6 +1466,7 @@ class Ranker:
         self.read_to = [LEVELS] * count  # each term's lowest level read so far
         self.bounds = [math.inf] * count  # each term's highest impact not read
         self.present = {}  # page id -> the indexes of the query terms its vector contains (checked pages)
+        self.present_cache = None  # present_matrix() of the pages checked so far
         self.exact = {}  # page id -> Candidate scored from its vector
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
@@ -1561,16 +1562,18 @@ class Ranker:
             matched[group, at] = True
             floor[at] = entries & 65535
         lowest = score.copy()
-        if self.present:  # checked pages: the terms their vectors lack cannot name them
-            checked = numpy.searchsorted(pages, list(self.present))
-            for index, page in zip(checked, self.present):
-                if index < n and pages[index] == page:
-                    for term_index, term in enumerate(search.terms):
-                        if term_index not in self.present[page]:
-                            possible[term_index][index] = False
-                        else:  # present: it scores at least its floor
-                            matched[term.group, index] = True
-                            lowest[term.group, index] = max(lowest[term.group, index], term.weight * floor[index])
+        checked_mask = numpy.zeros(n, bool)
+        if self.present and n:  # checked pages: the terms their vectors lack cannot name them
+            ids, has = self.present_matrix()
+            at = numpy.minimum(numpy.searchsorted(pages, ids), n - 1)
+            read = pages[at] == ids  # checked pages that a posting read names
+            at, has = at[read], has[read]
+            checked_mask[at] = True
+            for term_index, term in enumerate(search.terms):
+                possible[term_index][at[~has[:, term_index]]] = False
+                there = at[has[:, term_index]]  # present: it scores at least its floor
+                matched[term.group, there] = True
+                lowest[term.group, there] = numpy.maximum(lowest[term.group, there], term.weight * floor[there])
         reach = numpy.zeros((count, n), numpy.int64)
         for term, bound, can in zip(search.terms, self.bounds, possible):
             if bound > 0:
@@ -1582,10 +1585,19 @@ class Ranker:
         high = numpy.maximum(score, reach).sum(axis=0)  # an entry read is above its term's bound
         full = matched.all(axis=0)
         may_all = (matched | (reach > 0)).all(axis=0)
-        checked_mask = numpy.isin(pages, list(self.present)) if self.present else numpy.zeros(n, bool)
         exact = (high == low) & (full == may_all) & (checked_mask if self.filters else True)
         bits = (matched * (1 << numpy.arange(count))[:, None]).sum(axis=0)
         return pages, low, high, bits, full, may_all, exact
+
+    def present_matrix(self):
+        """Return the checked pages' ids and, for each, which query terms it contains (a bool row)."""
+        if self.present_cache is None or len(self.present_cache[0]) != len(self.present):
+            ids = numpy.fromiter(self.present, numpy.int64, len(self.present))
+            has = numpy.zeros((len(ids), len(self.search.terms)), bool)
+            rows = [row for row, terms in enumerate(self.present.values()) for _ in terms]
+            has[rows, [term for terms in self.present.values() for term in terms]] = True
+            self.present_cache = ids, has
+        return self.present_cache
 
     def decide(self, k, budget):
         """Return the top k if what is read settles it, or None to read deeper.
