@@ -1467,6 +1467,7 @@ class Ranker:
         self.bounds = [math.inf] * count  # each term's highest impact not read
         self.present = {}  # page id -> the indexes of the query terms its vector contains (checked pages)
         self.present_cache = None  # present_matrix() of the pages checked so far
+        self.read_cache = None  # read_state() and the entries_read it is for
         self.exact = {}  # page id -> Candidate scored from its vector
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
@@ -1541,26 +1542,36 @@ class Ranker:
             kept.append((term, entries[keep], segments[keep]))
         return kept
 
+    def read_state(self):
+        """Return what the postings read say of every page they name: (pages,
+        best score per group, matched groups, floor); the same until more is read."""
+        if self.read_cache is None or self.read_cache[0] != self.entries_read:
+            count = self.search.group_count
+            per_term = [numpy.concatenate(chunks) if chunks else numpy.empty(0, numpy.int64) for chunks in self.entries]
+            pages, where = numpy.unique(numpy.concatenate(per_term) >> 32, return_inverse=True)
+            n = len(pages)
+            score = numpy.zeros((count, n), numpy.int64)
+            matched = numpy.zeros((count, n), bool)
+            floor = numpy.zeros(n, numpy.int64)
+            start = 0
+            for term, entries in zip(self.search.terms, per_term):
+                at = where[start : start + len(entries)]
+                start += len(entries)
+                group = term.group
+                score[group, at] = numpy.maximum(score[group, at], term.weight * (entries >> 16 & 65535))
+                matched[group, at] = True
+                floor[at] = entries & 65535
+            self.read_cache = self.entries_read, (pages, score, matched, floor)
+        return self.read_cache[1]
+
     def state(self):
         """Every page read from postings, with what it scores at least and at most:
         (pages, low, high, matched groups, may match every group, exact)."""
         search, count = self.search, self.search.group_count
-        per_term = [numpy.concatenate(chunks) if chunks else numpy.empty(0, numpy.int64) for chunks in self.entries]
-        everything = numpy.concatenate(per_term)
-        pages, where = numpy.unique(everything >> 32, return_inverse=True)
+        pages, score, matched, floor = self.read_state()
         n = len(pages)
-        score = numpy.zeros((count, n), numpy.int64)
-        matched = numpy.zeros((count, n), bool)
-        floor = numpy.zeros(n, numpy.int64)
+        matched = matched.copy()
         possible = [numpy.ones(n, bool) for _ in search.terms]  # the term may name the page, unread
-        start = 0
-        for term, entries in zip(search.terms, per_term):
-            at = where[start : start + len(entries)]
-            start += len(entries)
-            group = term.group
-            score[group, at] = numpy.maximum(score[group, at], term.weight * (entries >> 16 & 65535))
-            matched[group, at] = True
-            floor[at] = entries & 65535
         lowest = score.copy()
         checked_mask = numpy.zeros(n, bool)
         if self.present and n:  # checked pages: the terms their vectors lack cannot name them
