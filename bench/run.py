@@ -19,6 +19,8 @@
 
 On another server (the system PostgreSQL 15 with its defaults):
     BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres make bench
+There, `--reuse` searches the database an earlier run left (whoknows_bench_N)
+instead of importing again; the report then has no import time.
 
 Needs wrk and pgbench (`apt-get install wrk`; pgbench ships with PostgreSQL).
 """
@@ -133,12 +135,31 @@ def server_settings(url):
     return f"PostgreSQL {version.split()[0]}, " + ", ".join(shown)
 
 
+def database_url(server_url, name):
+    """The URL of database name on the server of server_url."""
+    parts = re.match(r"^(postgres(?:ql)?://[^/]*)/[^?]*(\?.*)?$", server_url)
+    return f"{parts.group(1)}/{name}{parts.group(2) or ''}"
+
+
 def fresh_database(server_url, name):
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
-    parts = re.match(r"^(postgres(?:ql)?://[^/]*)/[^?]*(\?.*)?$", server_url)
-    return f"{parts.group(1)}/{name}{parts.group(2) or ''}"
+    return database_url(server_url, name)
+
+
+def reused_database(server_url, name, pages):
+    """Return the URL of database name on the server if it holds exactly that
+    many pages, indexed, and nothing waits in the index queue; else None."""
+    url = database_url(server_url, name)
+    try:
+        with psycopg.connect(url) as conn:
+            count, queued = conn.execute(
+                "SELECT (SELECT count(*) FROM pages), (SELECT count(*) FROM index_queue)"
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return url if count == pages and queued == 0 else None
 
 
 def import_pages(url, pages_file, pages):
@@ -495,6 +516,11 @@ def main():
         metavar="ROUNDS",
         help="only measure the search log: /api/search with SEARCH_LOG=false and true, alternating, ROUNDS times",
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="on BENCH_DATABASE_URL, search an earlier run's database if it holds the corpus (no import)",
+    )
     args = parser.parse_args()
     for tool in ("wrk",):
         if not shutil.which(tool):
@@ -504,10 +530,16 @@ def main():
 
     server_url, stop_server = start_server()
     try:
-        url = fresh_database(server_url, f"whoknows_bench_{args.pages}")
-        log(f"importing {args.pages:,} pages")
-        load = import_pages(url, pages_file, args.pages)
-        log(f"imported at {load['pages_per_s']:,} pages/s")
+        name = f"whoknows_bench_{args.pages}"
+        url = reused_database(server_url, name, args.pages) if args.reuse else None
+        if url:
+            log(f"reusing {name}: no import")
+            load = None
+        else:
+            url = fresh_database(server_url, name)
+            log(f"importing {args.pages:,} pages")
+            load = import_pages(url, pages_file, args.pages)
+            log(f"imported at {load['pages_per_s']:,} pages/s")
         size = sizes(url)
         settings = server_settings(url)
         load_mix_table(url, mix)
@@ -598,7 +630,9 @@ def write_report(args, mix, load, size, report, settings):
         f"p50 {m['p50_ms']:.1f}, p99 {m['p99_ms']:.1f}, max {m['max_ms']:.1f}",
         f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
         f"- import (ranking index included): {load['pages']:,} pages in {load['seconds']} s = "
-        f"{load['pages_per_s']:,} pages/s",
+        f"{load['pages_per_s']:,} pages/s"
+        if load
+        else "- import: not measured (`--reuse`: the database of an earlier run)",
         f"- server RSS (each load run has its own server, started with an empty result cache): "
         f"max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB",
         "",
