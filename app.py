@@ -1502,10 +1502,8 @@ class Ranker:
         search = self.search
         plans = [term.plan(depth) for term in search.terms]
         lows = [min(level, upper) for (level, _), upper in zip(plans, self.read_to)]
-        if self.entries_read == 0 and all(
-            term.first and term.first[0] == low and upper == LEVELS
-            for term, low, upper in zip(search.terms, lows, self.read_to)
-        ):  # the lookup read this round already
+        if self.rounds == 1 and all(term.first and term.first[0] == low for term, low in zip(search.terms, lows)):
+            # the lookup read this round already
             batches = [(index, *term.first[1:]) for index, term in enumerate(search.terms)]
         else:
             params = {
