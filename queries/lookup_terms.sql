@@ -10,8 +10,7 @@
 -- With them, the first round of its postings (fetch_postings), so that a
 -- search starts with one round trip less: the levels from the best down to
 -- first_level, the first at which the counts reach %(depth)s entries (0: all
--- of them), as the segments and array_send entries of each row read. None
--- while dead postings exist (the search filters those as it reads).
+-- of them), as the segments and array_send entries of each row read.
 WITH words AS (
     SELECT w.grp, v.lexeme COLLATE "C" AS lexeme, false AS completion
     FROM unnest(%(words)s::text[], %(word_groups)s::integer[]) AS w(word, grp),
@@ -26,10 +25,10 @@ WITH words AS (
     ) AS c
 )
 SELECT w.grp, w.lexeme, w.completion, coalesce(t.df, 0) AS df, t.levels, t.level_counts,
-       s.pages AS corpus_pages, s.average_length, d.has_dead, EXISTS (SELECT 1 FROM index_queue) AS has_queued,
+       s.pages AS corpus_pages, s.average_length,
+       EXISTS (SELECT 1 FROM dead_postings) AS has_dead, EXISTS (SELECT 1 FROM index_queue) AS has_queued,
        first.level AS first_level, first.segments, first.chunks
 FROM words AS w
-CROSS JOIN (SELECT EXISTS (SELECT 1 FROM dead_postings) AS has_dead) AS d
 LEFT JOIN term_stats AS t ON t.language = %(language)s AND t.lexeme = w.lexeme
 LEFT JOIN corpus_stats AS s ON s.language = %(language)s
 LEFT JOIN LATERAL (
@@ -41,7 +40,7 @@ LEFT JOIN LATERAL (
         ORDER BY c.n
         LIMIT 1
     ), 0) AS level
-) AS plan ON t.lexeme IS NOT NULL AND NOT d.has_dead
+) AS plan ON t.lexeme IS NOT NULL
 LEFT JOIN LATERAL (
     SELECT plan.level, array_agg(p.segment) AS segments, array_agg(array_send(p.entries)) AS chunks
     FROM postings AS p
