@@ -355,6 +355,41 @@ def sql(name):
         raise LookupError(f"no query file queries/{name}.sql") from None
 
 
+class IntArray(list):
+    """Whole numbers bound as one bigint[] parameter (the SQL casts it as it
+    needs). psycopg's own list dumper looks at every element to choose a
+    type: 38 µs for 10 ints and 140 µs for 100, against 10 and 36 µs for
+    writing the array literal; a search binds a few such lists per query."""
+
+
+class TextArray(list):
+    """Strings bound as one text[] parameter: an array literal with every
+    element quoted (so "NULL", commas and braces stay text)."""
+
+
+class IntArrayDumper(psycopg.adapt.Dumper):
+    oid = psycopg.adapters.types["int8"].array_oid
+
+    def dump(self, obj):
+        return ("{" + ",".join(map(str, map(int, obj))) + "}").encode()
+
+
+class TextArrayDumper(psycopg.adapt.Dumper):
+    oid = psycopg.adapters.types["text"].array_oid
+
+    def __init__(self, cls, context=None):
+        super().__init__(cls, context)
+        self.encoding = self.connection.info.encoding if self.connection else "utf-8"
+
+    def dump(self, obj):
+        quoted = ('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in obj)
+        return ("{" + ",".join(quoted) + "}").encode(self.encoding)
+
+
+psycopg.adapters.register_dumper(IntArray, IntArrayDumper)
+psycopg.adapters.register_dumper(TextArray, TextArrayDumper)
+
+
 def redact(url):
     """Return url with any password replaced by ***, for messages and logs."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
@@ -444,6 +479,15 @@ class FailFastPool(ConnectionPool):
         return conn
 
 
+# How the pool sets up each connection (the bench and the tests connect so too).
+CONNECTION_KWARGS = {
+    "autocommit": True,
+    "row_factory": dict_row,
+    "connect_timeout": 3,
+    "options": "-c plan_cache_mode=force_generic_plan",
+}
+
+
 def make_pool(url, settings, name="whoknows"):
     """Return an open pool; it connects in the background and survives outages.
     name is also the application_name its connections show in pg_stat_activity."""
@@ -457,6 +501,14 @@ def make_pool(url, settings, name="whoknows"):
     # reconnect_timeout: psycopg_pool doubles its wait between attempts while
     # the database is down; giving up after 5 s lets the next request start
     # again from a short wait, so a long outage does not mean a slow recovery.
+    # plan_cache_mode: a statement outside a transaction (a search's five, a
+    # session look-up) is planned once per connection, not at each run.
+    # PostgreSQL's own choice kept custom plans for the term look-up, whose
+    # planning cost more than its execution (1.0 against 0.5-0.8 ms, measured
+    # with EXPLAIN on the 100k bench corpus); generic plans of the search's
+    # statements ran as fast or faster (bench/README.md). Transactions, where
+    # the import and the index builds run statements whose best plan depends
+    # on their parameters, plan as PostgreSQL chooses (transaction()).
     return FailFastPool(
         url,
         min_size=2,
@@ -464,7 +516,7 @@ def make_pool(url, settings, name="whoknows"):
         max_size=settings.pool_max_size,
         timeout=settings.pool_timeout,
         max_waiting=settings.pool_max_size * 8,
-        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 3, "application_name": name},
+        kwargs={**CONNECTION_KWARGS, "application_name": name},
         name=name,
         open=True,
     )
@@ -579,6 +631,7 @@ class Database:
         """Yield a pooled connection inside one transaction, committed at the end
         (rolled back on an exception)."""
         with self.pool().connection() as conn, conn.transaction():
+            conn.execute(sql("plan_as_chosen"))
             yield conn
 
     def use(self, url):
@@ -1251,14 +1304,23 @@ def parse_query(q):
     return ParsedQuery(groups, phrases, excluded, prefix, ignored, q.strip())
 
 
-def like_prefix(text):
-    """Return a LIKE pattern for lexemes that start with text, wildcards escaped."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+def prefix_range(text):
+    """Return (low, high): the strings that start with text are exactly those
+    from low up to, not including, high, in code point order (the C
+    collation's, as term_stats.lexeme uses). Unlike LIKE with a parameter, a
+    range is an index condition in a generic plan, so PostgreSQL can plan the
+    look-up once per connection instead of at every search."""
+    after = ord(text[-1]) + 1
+    if 0xD800 <= after <= 0xDFFF:  # surrogates are not characters
+        after = 0xE000
+    if after > sys.maxunicode:
+        return text, text  # nothing sorts after the last character; an empty range
+    return text, text[:-1] + chr(after)
 
 
 def like_pattern(text):
     """Return an ILIKE pattern that finds text anywhere, with wildcards escaped."""
-    return "%" + like_prefix(text)
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def idf(df, pages):
@@ -1320,7 +1382,7 @@ class Search:
 
     @property
     def lexemes(self):
-        return [term.lexeme for term in self.terms]
+        return TextArray(term.lexeme for term in self.terms)
 
     def params(self):
         """The query parameters the ranking queries share."""
@@ -1328,11 +1390,11 @@ class Search:
             "language": self.language,
             "config": LANGUAGES[self.language],
             "lexemes": self.lexemes,
-            "weights": [float(t.weight) for t in self.terms],
-            "groups": [t.group for t in self.terms],
+            "weights": IntArray(t.weight for t in self.terms),
+            "groups": IntArray(t.group for t in self.terms),
             "all_groups": self.all_groups,
-            "phrases": self.query.phrases,
-            "excluded": self.query.excluded,
+            "phrases": TextArray(self.query.phrases),
+            "excluded": TextArray(self.query.excluded),
             "average_length": self.average_length,
         }
 
@@ -1364,15 +1426,17 @@ def look_up(conn, query, language):
     words = [word for group in query.groups for word in group]
     word_groups = [number for number, group in enumerate(query.groups) for _ in group]
     prefix_word = query.groups[query.prefix][-1].lower() if query.prefix is not None else None
+    low, high = prefix_range(prefix_word) if prefix_word else (None, None)
     rows = conn.execute(
         sql("lookup_terms"),
         {
-            "words": words,
-            "word_groups": word_groups,
+            "words": TextArray(words),
+            "word_groups": IntArray(word_groups),
             "config": LANGUAGES[language],
             "language": language,
             "prefix_group": query.prefix,
-            "prefix_pattern": like_prefix(prefix_word) if prefix_word else None,
+            "prefix_low": low,
+            "prefix_high": high,
             "expansions": PREFIX_EXPANSIONS if prefix_word else 0,
             "depth": INITIAL_DEPTH,
         },
@@ -1509,8 +1573,8 @@ class Ranker:
             params = {
                 "language": search.language,
                 "lexemes": search.lexemes,
-                "min_levels": lows,
-                "max_levels": self.read_to,
+                "min_levels": IntArray(lows),
+                "max_levels": IntArray(self.read_to),
             }
             batches = [
                 (row["term"] - 1, row["segments"], row["chunks"])
@@ -1529,7 +1593,7 @@ class Ranker:
         """Return the rows (term, entries, their segments) without the entries
         that belong to a page's old text."""
         pages = numpy.unique(numpy.concatenate([entries >> 32 for _, entries, _ in rows]))
-        dead = self.conn.execute(sql("find_dead_postings"), {"page_ids": pages.tolist()}).fetchall()
+        dead = self.conn.execute(sql("find_dead_postings"), {"page_ids": IntArray(pages.tolist())}).fetchall()
         if not dead:
             return rows
         gone = numpy.array([row["segment"] << 32 | row["page_id"] for row in dead], numpy.int64)
@@ -1658,7 +1722,7 @@ class Ranker:
         """Run a vector query (check_pages, score_pages) for these pages; return the rows of
         those that pass the filters, and mark the others (and any deleted
         meanwhile) rejected."""
-        rows = self.conn.execute(query, {**self.search.params(), "page_ids": page_ids}).fetchall()
+        rows = self.conn.execute(query, {**self.search.params(), "page_ids": IntArray(page_ids)}).fetchall()
         passing = [row for row in rows if row["phrases_ok"] and not row["excluded"]]
         self.rejected.update(set(page_ids) - {row["id"] for row in passing})
         return passing
@@ -1721,13 +1785,13 @@ def search_params(search, page_ids):
     words = [w for group in search.query.groups for w in group]
     locate = (re.findall(r"\w+", words[0]) or [""])[0].lower() if words else ""
     return {
-        "page_ids": page_ids,
+        "page_ids": IntArray(page_ids),
         "lexemes": search.lexemes,
         "config": LANGUAGES[search.language],
         # Where the snippet starts: the first word of the query at the start
         # of a word, in lower case, capitalised or in capitals (Python knows
         # the case rules of every language; the database may use the C locale).
-        "locate_words": [f" {locate}", f" {locate.capitalize()}", f" {locate.upper()}"],
+        "locate_words": TextArray([f" {locate}", f" {locate.capitalize()}", f" {locate.upper()}"]),
         "snippet_chars": SNIPPET_CHARS,
         "snippet_lead": SNIPPET_LEAD,
         "start_sel": START_SEL,

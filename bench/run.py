@@ -372,7 +372,7 @@ def percentile(sorted_values, p):
 
 def connect_like_the_app(url):
     """A connection set up as the app's pool sets up its connections."""
-    return psycopg.connect(url, autocommit=True, row_factory=psycopg.rows.dict_row)
+    return psycopg.connect(url, **app.CONNECTION_KWARGS)
 
 
 def timed(function, repeat):

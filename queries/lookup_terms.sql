@@ -1,7 +1,8 @@
 -- Returns the lexemes of a search: for each word of %(words)s (its group in
 -- %(word_groups)s), the lexemes the language's config makes of it; and
 -- for the prefix group %(prefix_group)s, the %(expansions)s most frequent
--- lexemes that start with %(prefix_pattern)s (a LIKE pattern). Each with its
+-- lexemes from %(prefix_low)s up to %(prefix_high)s (those that start with
+-- the prefix: a range, which a generic plan can use the key for). Each with its
 -- document frequency (df), its postings' counts by impact level (best level
 -- first), and the language's page count, the average body length that the
 -- index uses, whether any dead postings exist (has_dead), and whether any
@@ -19,7 +20,7 @@ WITH words AS (
     SELECT %(prefix_group)s::integer, c.lexeme, true
     FROM (
         SELECT lexeme FROM term_stats
-        WHERE language = %(language)s AND lexeme LIKE %(prefix_pattern)s AND df > 0
+        WHERE language = %(language)s AND lexeme >= %(prefix_low)s AND lexeme < %(prefix_high)s AND df > 0
         ORDER BY df DESC, lexeme
         LIMIT %(expansions)s
     ) AS c

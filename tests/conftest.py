@@ -127,8 +127,9 @@ def clean_state(database_url, session_app):
 
 @pytest.fixture
 def db(database_url):
-    """An autocommit connection to the test database, for arranging and asserting."""
-    with psycopg.connect(database_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+    """An autocommit connection to the test database, for arranging and
+    asserting, set up as the app's pool sets up its connections."""
+    with psycopg.connect(database_url, **whoknows.CONNECTION_KWARGS) as conn:
         yield conn
 
 
