@@ -38,6 +38,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -371,7 +372,7 @@ class IntArrayDumper(psycopg.adapt.Dumper):
     oid = psycopg.adapters.types["int8"].array_oid
 
     def dump(self, obj):
-        return ("{" + ",".join(map(str, map(int, obj))) + "}").encode()
+        return ("{" + ",".join(map(str, map(operator.index, obj))) + "}").encode()  # a float fails, not rounds
 
 
 class TextArrayDumper(psycopg.adapt.Dumper):
@@ -508,7 +509,8 @@ def make_pool(url, settings, name="whoknows"):
     # with EXPLAIN on the 100k bench corpus); generic plans of the search's
     # statements ran as fast or faster (bench/README.md). Transactions, where
     # the import and the index builds run statements whose best plan depends
-    # on their parameters, plan as PostgreSQL chooses (transaction()).
+    # on their parameters, plan as PostgreSQL chooses (transaction()). A
+    # pooler in front (PgBouncer) must let the `options` parameter through.
     return FailFastPool(
         url,
         min_size=2,
