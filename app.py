@@ -1497,6 +1497,16 @@ class Candidate:
 # length and its value, big-endian.
 ENTRY = numpy.dtype([("length", ">i4"), ("value", ">i8")])
 TIER = 1 << 40  # above any score: a key of tier * TIER + score orders pages by (matches every group, score)
+EMPTY = numpy.empty(0, numpy.int64)
+TABLE_RANGE = 1 << 24  # page ids spread over at most this many values are matched by a lookup table
+
+
+def among(values, ids):
+    """Return the mask of values (int64) that occur in ids: by a lookup table
+    over the ids' range when it is small enough (an id's place, not a sort:
+    ten times faster for a few hundred ids against a long list), else by sorting."""
+    small = not len(ids) or int(ids.max()) - int(ids.min()) < TABLE_RANGE
+    return numpy.isin(values, ids, kind="table" if small else None)
 
 
 def decode_chunks(segments, chunks, with_segments):
@@ -1522,6 +1532,11 @@ class Ranker:
     the best k can overtake them, after looking the open ones up in their
     own vectors; else it reads four times deeper. exhaustive reads every
     posting at once (the check of the fast path).
+
+    Once every term of a group is read to the end, only the pages that group
+    names can match every group. When at least k of them surely do, no
+    other page can reach the top k, so the decision looks at those pages
+    alone: a rare word's few hundred, not a common word's whole list.
     """
 
     def __init__(self, conn, search, exhaustive=False):
@@ -1533,11 +1548,12 @@ class Ranker:
         self.bounds = [math.inf] * count  # each term's highest impact not read
         self.present = {}  # page id -> the indexes of the query terms its vector contains (checked pages)
         self.present_cache = None  # present_matrix() of the pages checked so far
-        self.read_cache = None  # read_state() and the entries_read it is for
+        self.read_cache = {}  # read_state(only) for what is read so far, restricted or not
         self.exact = {}  # page id -> Candidate scored from its vector
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
         self.checks = self.random_accesses = self.rounds = self.entries_read = 0
+        self.narrowed = False
 
     def top(self, k):
         """Return the best k Candidates, best first (fewer when fewer pages match)."""
@@ -1606,12 +1622,40 @@ class Ranker:
             kept.append((term, entries[keep], segments[keep]))
         return kept
 
-    def read_state(self):
-        """Return what the postings read say of every page they name: (pages,
-        best score per group, matched groups, floor); the same until more is read."""
-        if self.read_cache is None or self.read_cache[0] != self.entries_read:
+    def complete_pages(self, k):
+        """Return the ids of the pages that every group read to the end
+        names (the only ones that can still match every group) when at
+        least k of them match every group by the postings read, so that the
+        top k is among them; else None. Also None when they are not much
+        fewer than the pages read (restricting would cost more than it saves)."""
+        complete, partial = [], []
+        for group in range(self.search.group_count):
+            members = [i for i, term in enumerate(self.search.terms) if term.group == group]
+            named = numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32
+            (complete if all(self.bounds[i] == 0 for i in members) else partial).append(named)
+        if not complete:
+            return None
+        complete.sort(key=len)
+        only = complete[0]
+        for other in complete[1:]:
+            only = only[among(only, other)]
+        if 4 * len(only) >= self.entries_read:
+            return None
+        sure = only
+        for other in partial:
+            sure = sure[among(sure, other)]
+        return only if len(sure) >= k else None
+
+    def read_state(self, only=None):
+        """Return what the postings read say of every page they name, or of
+        the pages in only (complete_pages()): (pages, best score per group,
+        matched groups, floor); the same until more is read."""
+        key = self.entries_read, tuple(self.bounds), only is not None
+        if key not in self.read_cache:
             count = self.search.group_count
-            per_term = [numpy.concatenate(chunks) if chunks else numpy.empty(0, numpy.int64) for chunks in self.entries]
+            per_term = [numpy.concatenate(chunks) if chunks else EMPTY for chunks in self.entries]
+            if only is not None:
+                per_term = [entries[among(entries >> 32, only)] for entries in per_term]
             pages, where = numpy.unique(numpy.concatenate(per_term) >> 32, return_inverse=True)
             n = len(pages)
             score = numpy.zeros((count, n), numpy.int64)
@@ -1625,14 +1669,15 @@ class Ranker:
                 score[group, at] = numpy.maximum(score[group, at], term.weight * (entries >> 16 & 65535))
                 matched[group, at] = True
                 floor[at] = entries & 65535
-            self.read_cache = self.entries_read, (pages, score, matched, floor)
-        return self.read_cache[1]
+            self.read_cache = {k: v for k, v in self.read_cache.items() if k[:2] == key[:2]}
+            self.read_cache[key] = pages, score, matched, floor
+        return self.read_cache[key]
 
-    def state(self):
-        """Every page read from postings, with what it scores at least and at most:
+    def state(self, only=None):
+        """Every page read from postings (or in only), with what it scores at least and at most:
         (pages, low, high, matched groups, may match every group, exact)."""
         search, count = self.search, self.search.group_count
-        pages, score, matched, floor = self.read_state()
+        pages, score, matched, floor = self.read_state(only)
         n = len(pages)
         matched = matched.copy()
         possible = [numpy.ones(n, bool) for _ in search.terms]  # the term may name the page, unread
@@ -1682,25 +1727,31 @@ class Ranker:
         that costs less than budget entries read.
         """
         search, all_groups = self.search, self.search.all_groups
-        pages, low, high, bits, full, may_all, exact = self.state()
-        keep = ~numpy.isin(pages, list(self.rejected | set(self.exact)))
-        pages, low, high, bits, full, may_all, exact = (a[keep] for a in (pages, low, high, bits, full, may_all, exact))
         scored = list(self.exact.values())
-        lower = numpy.concatenate([full * TIER + low, [(c.matched == all_groups) * TIER + c.low for c in scored]])
-        upper = numpy.concatenate([may_all * TIER + high, [(c.matched == all_groups) * TIER + c.low for c in scored]])
         most = [0] * search.group_count
         for term, bound in zip(search.terms, self.bounds):
             if bound > 0:
                 most[term.group] = max(most[term.group], term.weight * bound)
         unseen = all(most) * TIER + sum(most)  # a page no read posting names
-        if len(lower) < k:
-            if sum(most):
-                return None  # fewer than k known, and pages not read yet may match
-            kth = -1
-        else:
-            kth = numpy.partition(lower, len(lower) - k)[len(lower) - k]
-            if sum(most) and unseen >= kth:
-                return None  # a page not read yet might still belong in the top k
+        # The pages of the groups read to the end first, when they may hold
+        # the top k; all the pages read when they do not.
+        complete = self.complete_pages(k)
+        for only in (complete, None) if complete is not None else (None,):
+            pages, low, high, bits, full, may_all, exact = self.state(only)
+            keep = ~numpy.isin(pages, list(self.rejected | set(self.exact)))
+            pages, low, high, bits, full, may_all, exact = (
+                a[keep] for a in (pages, low, high, bits, full, may_all, exact)
+            )
+            exact_keys = [(c.matched == all_groups) * TIER + c.low for c in scored]
+            lower = numpy.concatenate([full * TIER + low, exact_keys])
+            upper = numpy.concatenate([may_all * TIER + high, exact_keys])
+            kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
+            if only is None or kth >= TIER:
+                break  # with only: k pages surely match every group, so no page outside only can place
+        if len(lower) < k and sum(most):
+            return None  # fewer than k known, and pages not read yet may match
+        if len(lower) >= k and sum(most) and unseen >= kth:
+            return None  # a page not read yet might still belong in the top k
         contending = upper[: len(pages)] >= kth
         open_pages = pages[contending & ~exact].tolist()
         unchecked = [page for page in open_pages if page not in self.present]
@@ -1718,6 +1769,7 @@ class Ranker:
         ]
         contenders += [c for c in scored if (c.matched == all_groups) * TIER + c.low >= kth]
         ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
+        self.narrowed = only is not None  # decided from the pages of the groups read to the end alone
         return ranked[:k]
 
     def vector_rows(self, query, page_ids):

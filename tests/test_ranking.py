@@ -6,6 +6,7 @@ import json
 import random
 import threading
 
+import numpy
 import pytest
 import webtest
 
@@ -225,6 +226,52 @@ def test_a_search_reads_a_small_rest_at_once(db, random_corpus, monkeypatch):
     # round reads everything, where rounds four times deeper would take more.
     rounds = rounds_and_agreement(db, random_queries(random_corpus)[:20])
     assert max(rounds) == 2
+
+
+@pytest.mark.parametrize(
+    "both, alone, q, narrowed",
+    [(40, 20, "harbor lantern ", True), (4, 56, "harbor lantern ", False), (40, 0, "harbor lantern -beacon ", False)],
+    ids=["enough-pages-hold-both", "too-few-hold-both", "too-few-pass-the-filter"],
+)
+def test_a_rare_word_narrows_the_decision_to_its_own_pages(app, db, tmp_path, both, alone, q, narrowed):
+    """A common word (600 pages) with a rare one (in `both` of them, and
+    alone in `alone` more). Once the rare word is read to the end, only its
+    pages can match both words: with at least 10 of those, the decision
+    looks at them alone (narrowed); with fewer, or when a filter rejects all
+    but 4 of them (beacon), pages with one word fill the top 10 (with the
+    filter, pages with the common word only), and the whole read is used.
+    Each agrees with the exhaustive ranking."""
+    rng = random.Random(3)
+    pages = []
+    for n in range(600 + alone):
+        words = ["harbor"] * rng.randint(1, 4) if n < 600 else []
+        if n < both or n >= 600:
+            words += ["lantern"] * rng.randint(1, 3)
+        if 4 <= n < both:
+            words.append("beacon")
+        words += rng.choices(WORDS, k=rng.randint(5, 40))
+        rng.shuffle(words)
+        url = f"https://example.org/n/{n}"
+        pages.append({"title": f"Page {n}", "url": url, "language": "en", "content": " ".join(words)})
+    path = tmp_path / "narrow.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
+    whoknows.import_file(app.db, path, out=io.StringIO())
+    search = whoknows.look_up(db, whoknows.parse_query(q), "en")
+    ranker = whoknows.Ranker(db, search)
+    top = ranker.top(10)
+    assert [c.page_id for c in top] == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)]
+    assert sum(c.matched == search.all_groups for c in top) == (10 if narrowed else 4)
+    assert ranker.narrowed == narrowed
+
+
+@pytest.mark.parametrize("spread", [1000, 1 << 40], ids=["by-table", "by-sorting"])
+def test_among_matches_page_ids_over_any_range(spread):
+    rng = random.Random(spread)
+    ids = numpy.array([rng.randrange(spread) for _ in range(50)] + [0], numpy.int64)
+    values = numpy.array([rng.randrange(spread) for _ in range(500)] + list(ids[:10]), numpy.int64)
+    expected = [int(v) in set(ids.tolist()) for v in values]
+    assert whoknows.among(values, ids).tolist() == expected
+    assert whoknows.among(values, ids[:0]).tolist() == [False] * len(values)
 
 
 def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, db, tmp_path, monkeypatch):
