@@ -1536,7 +1536,9 @@ class Ranker:
     Once every term of a group is read to the end, only the pages that group
     names can match every group. When at least k of them surely do, no
     other page can reach the top k, so the decision looks at those pages
-    alone: a rare word's few hundred, not a common word's whole list.
+    alone: a rare word's few hundred, not a common word's whole list. While
+    at least k of them may, the open ones among them are settled first, as
+    any answer needs them settled; else the decision looks at every page read.
     """
 
     def __init__(self, conn, search, exhaustive=False):
@@ -1553,7 +1555,8 @@ class Ranker:
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
         self.checks = self.random_accesses = self.rounds = self.entries_read = 0
-        self.narrowed = False
+        self.narrowed = False  # the answer came from the pages of the groups read to the end alone
+        self.resolutions = 0  # decisions that looked only at open pages of those groups
 
     def top(self, k):
         """Return the best k Candidates, best first (fewer when fewer pages match)."""
@@ -1622,29 +1625,23 @@ class Ranker:
             kept.append((term, entries[keep], segments[keep]))
         return kept
 
-    def complete_pages(self, k):
+    def complete_pages(self):
         """Return the ids of the pages that every group read to the end
-        names (the only ones that can still match every group) when at
-        least k of them match every group by the postings read, so that the
-        top k is among them; else None. Also None when they are not much
-        fewer than the pages read (restricting would cost more than it saves)."""
-        complete, partial = [], []
+        names, the only ones that can still match every group; None when no
+        group is read to the end, or when they are not much fewer than the
+        pages read (restricting to them would cost more than it saves)."""
+        complete = []
         for group in range(self.search.group_count):
             members = [i for i, term in enumerate(self.search.terms) if term.group == group]
-            named = numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32
-            (complete if all(self.bounds[i] == 0 for i in members) else partial).append(named)
+            if all(self.bounds[i] == 0 for i in members):
+                complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
         if not complete:
             return None
         complete.sort(key=len)
         only = complete[0]
         for other in complete[1:]:
             only = only[among(only, other)]
-        if 4 * len(only) >= self.entries_read:
-            return None
-        sure = only
-        for other in partial:
-            sure = sure[among(sure, other)]
-        return only if len(sure) >= k else None
+        return only if 4 * len(only) < self.entries_read else None
 
     def read_state(self, only=None):
         """Return what the postings read say of every page they name, or of
@@ -1733,9 +1730,11 @@ class Ranker:
             if bound > 0:
                 most[term.group] = max(most[term.group], term.weight * bound)
         unseen = all(most) * TIER + sum(most)  # a page no read posting names
-        # The pages of the groups read to the end first, when they may hold
-        # the top k; all the pages read when they do not.
-        complete = self.complete_pages(k)
+        # The pages of the groups read to the end first (only): when k of
+        # them surely match every group, no other page can place (narrowed);
+        # when k may, the open ones among them are settled first (resolving).
+        # Else every page read.
+        complete, resolving = self.complete_pages(), False
         for only in (complete, None) if complete is not None else (None,):
             pages, low, high, bits, full, may_all, exact = self.state(only)
             keep = ~numpy.isin(pages, list(self.rejected | set(self.exact)))
@@ -1747,10 +1746,17 @@ class Ranker:
             upper = numpy.concatenate([may_all * TIER + high, exact_keys])
             kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
             if only is None or kth >= TIER:
-                break  # with only: k pages surely match every group, so no page outside only can place
-        if len(lower) < k and sum(most):
+                break
+            if (
+                numpy.count_nonzero(may_all & ~exact)
+                and numpy.count_nonzero(may_all) + sum(c.matched == all_groups for c in scored) >= k
+            ):
+                resolving, kth = True, TIER  # the open pages that may match every group
+                self.resolutions += 1
+                break
+        if not resolving and len(lower) < k and sum(most):
             return None  # fewer than k known, and pages not read yet may match
-        if len(lower) >= k and sum(most) and unseen >= kth:
+        if not resolving and len(lower) >= k and sum(most) and unseen >= kth:
             return None  # a page not read yet might still belong in the top k
         contending = upper[: len(pages)] >= kth
         open_pages = pages[contending & ~exact].tolist()
@@ -1761,7 +1767,7 @@ class Ranker:
         if open_pages and (self.exhaustive or len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget):
             self.score_pages(open_pages)
             return self.decide(k, budget - len(open_pages) * ENTRIES_PER_RANDOM_ACCESS)
-        if open_pages:
+        if open_pages or resolving:
             return None  # cheaper to read deeper than to look the pages up one by one
         chosen = numpy.flatnonzero(contending)
         contenders = [
@@ -1769,7 +1775,7 @@ class Ranker:
         ]
         contenders += [c for c in scored if (c.matched == all_groups) * TIER + c.low >= kth]
         ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
-        self.narrowed = only is not None  # decided from the pages of the groups read to the end alone
+        self.narrowed = only is not None
         return ranked[:k]
 
     def vector_rows(self, query, page_ids):
