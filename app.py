@@ -1550,7 +1550,7 @@ class Ranker:
         self.bounds = [math.inf] * count  # each term's highest impact not read
         self.present = {}  # page id -> the indexes of the query terms its vector contains (checked pages)
         self.present_cache = None  # present_matrix() of the pages checked so far
-        self.read_cache = {}  # read_state(only) for what is read so far, restricted or not
+        self.read_cache = {}  # complete_pages() and read_state(only), for what is read so far
         self.exact = {}  # page id -> Candidate scored from its vector
         self.rejected = set()  # pages that fail a required phrase or have an excluded word
         self.filters = bool(search.query.phrases or search.query.excluded)
@@ -1625,30 +1625,43 @@ class Ranker:
             kept.append((term, entries[keep], segments[keep]))
         return kept
 
+    def cached(self, what, compute):
+        """Return compute() for what, computed once until more is read."""
+        read = self.entries_read, tuple(self.bounds)
+        if self.read_cache.get("read") != read:
+            self.read_cache = {"read": read}
+        if what not in self.read_cache:
+            self.read_cache[what] = compute()
+        return self.read_cache[what]
+
     def complete_pages(self):
         """Return the ids of the pages that every group read to the end
         names, the only ones that can still match every group; None when no
         group is read to the end, or when they are not much fewer than the
         pages read (restricting to them would cost more than it saves)."""
-        complete = []
-        for group in range(self.search.group_count):
-            members = [i for i, term in enumerate(self.search.terms) if term.group == group]
-            if all(self.bounds[i] == 0 for i in members):
-                complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
-        if not complete:
-            return None
-        complete.sort(key=len)
-        only = complete[0]
-        for other in complete[1:]:
-            only = only[among(only, other)]
-        return only if 4 * len(only) < self.entries_read else None
+
+        def compute():
+            complete = []
+            for group in range(self.search.group_count):
+                members = [i for i, term in enumerate(self.search.terms) if term.group == group]
+                if all(self.bounds[i] == 0 for i in members):
+                    complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
+            if not complete:
+                return None
+            complete.sort(key=len)
+            only = complete[0]
+            for other in complete[1:]:
+                only = only[among(only, other)]
+            return only if 4 * len(only) < self.entries_read else None
+
+        return self.cached("complete", compute)
 
     def read_state(self, only=None):
         """Return what the postings read say of every page they name, or of
         the pages in only (complete_pages()): (pages, best score per group,
         matched groups, floor); the same until more is read."""
-        key = self.entries_read, tuple(self.bounds), only is not None
-        if key not in self.read_cache:
+
+        def compute():
             count = self.search.group_count
             per_term = [numpy.concatenate(chunks) if chunks else EMPTY for chunks in self.entries]
             if only is not None:
@@ -1666,9 +1679,9 @@ class Ranker:
                 score[group, at] = numpy.maximum(score[group, at], term.weight * (entries >> 16 & 65535))
                 matched[group, at] = True
                 floor[at] = entries & 65535
-            self.read_cache = {k: v for k, v in self.read_cache.items() if k[:2] == key[:2]}
-            self.read_cache[key] = pages, score, matched, floor
-        return self.read_cache[key]
+            return pages, score, matched, floor
+
+        return self.cached("only" if only is not None else "all", compute)
 
     def state(self, only=None):
         """Every page read from postings (or in only), with what it scores at least and at most:
@@ -1734,6 +1747,8 @@ class Ranker:
         # them surely match every group, no other page can place (narrowed);
         # when k may, the open ones among them are settled first (resolving).
         # Else every page read.
+        exact_keys = [(c.matched == all_groups) * TIER + c.low for c in scored]
+        scored_full = sum(key >= TIER for key in exact_keys)
         complete, resolving = self.complete_pages(), False
         for only in (complete, None) if complete is not None else (None,):
             pages, low, high, bits, full, may_all, exact = self.state(only)
@@ -1741,16 +1756,12 @@ class Ranker:
             pages, low, high, bits, full, may_all, exact = (
                 a[keep] for a in (pages, low, high, bits, full, may_all, exact)
             )
-            exact_keys = [(c.matched == all_groups) * TIER + c.low for c in scored]
             lower = numpy.concatenate([full * TIER + low, exact_keys])
             upper = numpy.concatenate([may_all * TIER + high, exact_keys])
             kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
             if only is None or kth >= TIER:
                 break
-            if (
-                numpy.count_nonzero(may_all & ~exact)
-                and numpy.count_nonzero(may_all) + sum(c.matched == all_groups for c in scored) >= k
-            ):
+            if numpy.count_nonzero(may_all & ~exact) and numpy.count_nonzero(may_all) + scored_full >= k:
                 resolving, kth = True, TIER  # the open pages that may match every group
                 self.resolutions += 1
                 break
