@@ -1191,8 +1191,14 @@ MAX_QUERY_WORDS = 64
 # the PREFIX_EXPANSIONS most frequent ones (as Lucene's max expansions and
 # Meilisearch's prefix search bound theirs), each counting for
 # COMPLETION_WEIGHT of a word typed in full.
+# A last word of fewer than SHORTEST_PREFIX characters is a word, not a prefix.
+# The completions of the prefixes up to LISTED_PREFIX_CHARS long are listed
+# in term_completions, kept at every index build: 'wo' would otherwise look
+# through all its lexemes (1,639 at a million pages) for the 8 it keeps.
 PREFIX_EXPANSIONS = 8
 COMPLETION_WEIGHT = 0.5
+SHORTEST_PREFIX = 2
+LISTED_PREFIX_CHARS = 3
 # A search reads each term's best postings first: INITIAL_DEPTH entries, four
 # times more at each of at most MAX_ROUNDS further rounds, then everything.
 # It reads everything at once when the rest is at most READ_REST_RATIO times
@@ -1301,7 +1307,7 @@ def parse_query(q):
             words += 1
             joining = False
             # The last word, still being typed: no space after it, no punctuation at its end.
-            if match.end() == len(q) and word[-1].isalnum() and len(word) >= 2:
+            if match.end() == len(q) and word[-1].isalnum() and len(word) >= SHORTEST_PREFIX:
                 prefix = len(groups) - 1
     return ParsedQuery(groups, phrases, excluded, prefix, ignored, q.strip())
 
@@ -1312,12 +1318,13 @@ def prefix_range(text):
     collation's, as term_stats.lexeme uses). Unlike LIKE with a parameter, a
     range is an index condition in a generic plan, so PostgreSQL can plan the
     look-up once per connection instead of at every search."""
-    after = ord(text[-1]) + 1
+    stem = text.rstrip(chr(sys.maxunicode))  # nothing follows the last character: carry
+    if not stem:
+        return text, text  # nothing sorts after it; an empty range
+    after = ord(stem[-1]) + 1
     if 0xD800 <= after <= 0xDFFF:  # surrogates are not characters
         after = 0xE000
-    if after > sys.maxunicode:
-        return text, text  # nothing sorts after the last character; an empty range
-    return text, text[:-1] + chr(after)
+    return text, stem[:-1] + chr(after)
 
 
 def like_pattern(text):
@@ -3127,7 +3134,25 @@ def build_segment(conn, refresh_levels=True):
     assigned = conn.execute(sql("assign_page_segments"), {"segment": segment}).fetchone()["assigned"]
     if refresh_levels:
         conn.execute(sql("refresh_term_levels"), {"segment": segment})
+        refresh_completions(conn, segment)
     return assigned
+
+
+def refresh_completions(conn, segment=None):
+    """Recompute the listed completions of short prefixes: every prefix
+    (segment None, after a full build), or those that the lexemes of a new
+    segment may now belong to. A listed lexeme whose df fell since (its pages
+    changed or went away) keeps its place until its prefix is recomputed, at
+    the latest at the next full build; one that no page has is skipped."""
+    conn.execute(
+        sql("refresh_term_completions"),
+        {
+            "segment": segment,
+            "shortest": SHORTEST_PREFIX,
+            "longest": LISTED_PREFIX_CHARS,
+            "expansions": PREFIX_EXPANSIONS,
+        },
+    )
 
 
 def index_queued(conn):
@@ -3183,6 +3208,7 @@ def rebuild_index(conn, progress=None):
         conn.execute(sql("clear_index_batch"))
     conn.execute(sql("clear_term_stats"))
     conn.execute(sql("count_term_stats"))
+    refresh_completions(conn)
     conn.execute(sql("reset_index_build_memory"))  # the caller's later queries want sorts again
 
 

@@ -1,2 +1,3 @@
--- Empties term_stats before a full build recounts it; returns nothing.
-TRUNCATE term_stats
+-- Empties term_stats, and the completions computed from it, before a full
+-- build recounts them; returns nothing.
+TRUNCATE term_stats, term_completions

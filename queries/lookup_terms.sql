@@ -2,9 +2,10 @@
 -- %(word_groups)s), the lexemes the language's config makes of it; and
 -- for the prefix group %(prefix_group)s, the %(expansions)s most frequent
 -- lexemes from %(prefix_low)s up to %(prefix_high)s (those that start with
--- the prefix: a range, which a generic plan can use the key for). Each with its
--- document frequency (df), its postings' counts by impact level (best level
--- first), and the language's page count, the average body length that the
+-- the prefix: a range, which a generic plan can use the key for), or the
+-- ones term_completions lists when it has a row for the prefix (a short one).
+-- Each with its document frequency (df), its postings' counts by impact level
+-- (best level first), and the language's page count, the average body length that the
 -- index uses, whether any dead postings exist (has_dead), and whether any
 -- page waits in the index queue (has_queued).
 --
@@ -19,10 +20,15 @@ WITH words AS (
     UNION ALL
     SELECT %(prefix_group)s::integer, c.lexeme, true
     FROM (
-        SELECT lexeme FROM term_stats
-        WHERE language = %(language)s AND lexeme >= %(prefix_low)s AND lexeme < %(prefix_high)s AND df > 0
-        ORDER BY df DESC, lexeme
-        LIMIT %(expansions)s
+        SELECT unnest(lexemes[1:%(expansions)s]) AS lexeme
+        FROM term_completions
+        WHERE language = %(language)s AND prefix = %(prefix_low)s
+        UNION ALL
+        (SELECT lexeme FROM term_stats
+         WHERE language = %(language)s AND lexeme >= %(prefix_low)s AND lexeme < %(prefix_high)s AND df > 0
+           AND NOT EXISTS (SELECT FROM term_completions WHERE language = %(language)s AND prefix = %(prefix_low)s)
+         ORDER BY df DESC, lexeme
+         LIMIT %(expansions)s)
     ) AS c
 )
 SELECT w.grp, w.lexeme, w.completion, coalesce(t.df, 0) AS df, t.levels, t.level_counts,

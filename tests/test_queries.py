@@ -50,7 +50,9 @@ def test_array_parameters_reach_the_database_as_they_were(db):
     assert row == {"t": texts, "i": [0, -3, 7], "b": [2**40, 1], "f": [1500.0], "e": []}
 
 
-@pytest.mark.parametrize("prefix", ["gove", "a", "æb", "zø", "x\U0010fffe", "tilde~", "a\u00ff", "k\ud7ff"])
+@pytest.mark.parametrize(
+    "prefix", ["gove", "a", "æb", "zø", "x\U0010fffe", "tilde~", "a\u00ff", "k\ud7ff", "q\U0010ffff"]
+)
 def test_a_prefix_range_holds_exactly_the_strings_that_start_with_it(db, prefix):
     low, high = whoknows.prefix_range(prefix)
     candidates = [prefix, prefix + "a", prefix + "\U0010ffff", prefix[:-1], high, "", "zzzz", "\ue000"]
@@ -60,6 +62,9 @@ def test_a_prefix_range_holds_exactly_the_strings_that_start_with_it(db, prefix)
         {"c": whoknows.TextArray(candidates), "low": low, "high": high},
     ).fetchone()["s"]
     assert sorted(inside or []) == sorted(c for c in candidates if c.startswith(prefix))
+    # The same bound in SQL, for the listed completions; NULL where there is none.
+    end = db.execute("SELECT whoknows_prefix_end(%s) AS e", (prefix,)).fetchone()["e"]
+    assert end == (high if high != low else None)
 
 
 def test_statements_outside_transactions_use_generic_plans_and_transactions_choose(app):

@@ -126,6 +126,63 @@ def test_a_partial_last_word_expands_to_its_most_frequent_completions_only(clien
     assert whoknows.parse_query("what is javascr?").prefix is None
 
 
+def completions(db, prefix, language="en"):
+    """A prefix's completions as the search takes them, and as term_stats has them now."""
+    search = whoknows.look_up(db, whoknows.parse_query(prefix), language)
+    current = db.execute(
+        "SELECT array_agg(lexeme ORDER BY df DESC, lexeme) AS lexemes FROM ("
+        "SELECT lexeme, df FROM term_stats WHERE language = %s AND starts_with(lexeme, %s) AND df > 0"
+        " ORDER BY df DESC, lexeme LIMIT %s) AS top",
+        (language, prefix, whoknows.PREFIX_EXPANSIONS),
+    ).fetchone()["lexemes"]
+    return sorted(t.lexeme for t in search.terms), sorted(current or [])
+
+
+def listed(db, prefix, language="en"):
+    row = db.execute(
+        "SELECT lexemes FROM term_completions WHERE language = %s AND prefix = %s", (language, prefix)
+    ).fetchone()
+    return row and row["lexemes"]
+
+
+def test_a_short_prefix_takes_its_listed_completions_and_they_follow_new_pages(client, add_page, db):
+    for n in range(whoknows.PREFIX_EXPANSIONS + 4):  # wo0z on 1 page ... wo11z on 12
+        for copy in range(n + 1):
+            add_page(f"Page {n}-{copy}", f"wo{n}z text", index=False)
+    with db.transaction():
+        whoknows.index_queued(db)
+    taken, current = completions(db, "wo")
+    assert taken == current and "wo11z" in taken and "wo3z" not in taken
+    assert sorted(listed(db, "wo")) == taken and sorted(listed(db, "wo1")) == ["wo10z", "wo11z", "wo1z"]
+    assert listed(db, "wo11") is None  # longer prefixes are looked up in term_stats
+    assert completions(db, "wo11") == (["wo11z"], ["wo11z"])
+
+    # A new lexeme more frequent than the least listed one joins the list at its index build...
+    for copy in range(9):
+        add_page(f"Wozzle {copy}", "wozzle text", index=False)
+    with db.transaction():
+        whoknows.index_queued(db)
+    taken, current = completions(db, "wo")
+    assert taken == current and "wozzl" in taken and "wo4z" not in taken  # wozzle's lexeme
+    assert titles(client, "wo")[0] == "Wozzle 0"  # the new completion, in a title
+    # ...and a rarer one leaves the list as it was.
+    add_page("Wobble", "wobble text")
+    assert completions(db, "wo")[0] == taken and "wobbl" not in listed(db, "wo")
+    assert completions(db, "wob") == (["wobbl"], ["wobbl"])
+
+    # With no rows (as right after the migration), the prefix is looked up in term_stats.
+    db.execute("TRUNCATE term_completions")
+    assert completions(db, "wo") == (taken, current)
+    # A full build lists every short prefix again, each as term_stats has it.
+    with db.transaction():
+        whoknows.rebuild_index(db)
+    rows = db.execute("SELECT prefix FROM term_completions WHERE language = 'en'").fetchall()
+    prefixes = {row["prefix"] for row in rows}
+    assert {"wo", "wo1", "woz", "te", "tex"} <= prefixes and not any(len(p) > 3 for p in prefixes)
+    for prefix in prefixes:
+        assert sorted(listed(db, prefix)) == completions(db, prefix)[1], prefix
+
+
 def test_unfinished_last_words_count_less_than_words_typed_in_full(client, add_page):
     add_page("Java", "java island coffee")
     add_page("Javanese", "javanese island coffee")

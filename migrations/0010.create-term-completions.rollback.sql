@@ -1,0 +1,2 @@
+DROP FUNCTION whoknows_prefix_end(text);
+DROP TABLE term_completions;
