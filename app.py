@@ -1199,8 +1199,10 @@ PREFIX_EXPANSIONS = 8
 COMPLETION_WEIGHT = 0.5
 SHORTEST_PREFIX = 2
 LISTED_PREFIX_CHARS = 3
-# A search reads each term's best postings first: INITIAL_DEPTH entries, four
-# times more at each of at most MAX_ROUNDS further rounds, then everything.
+# A search reads each group's best postings first: INITIAL_DEPTH entries,
+# four times more at each of at most MAX_ROUNDS further rounds, then
+# everything (a group's terms, a prefix's completions, in the order of what
+# they can score).
 # It reads everything at once when the rest is at most READ_REST_RATIO times
 # what the next round would read, or READ_REST_BELOW entries (about 3 ms):
 # the rounds saved cost more in round trips (bench/README.md).
@@ -1348,25 +1350,16 @@ class Term:
     df: int
     levels: list
     counts: list
-    first: tuple | None = None  # (level, segments, chunks): the first round, read with the lookup
+    first: tuple | None = None  # (level, segments, chunks): its best levels, read with the lookup
 
-    def plan(self, depth):
-        """Return (min_level, bound): read the levels down to min_level to get
-        at least depth entries; every impact not read is at most bound."""
-        total = 0
-        for index, (level, count) in enumerate(zip(self.levels, self.counts)):
-            total += count
-            if total >= depth:
-                below = self.levels[index + 1 : index + 2]
-                return level, ((below[0] + 1) * LEVEL_WIDTH - 1) if below else 0
-        return 0, 0
+    def bound_below(self, read_to):
+        """Return the highest impact of the levels below read_to (0: none is left)."""
+        below = [level for level in self.levels if level < read_to]
+        return (below[0] + 1) * LEVEL_WIDTH - 1 if below else 0
 
-    def unread(self, read_to, depth):
-        """Return (rest, next): the entries below level read_to, and how many of
-        them reading to depth entries would add."""
-        low = min(self.plan(depth)[0], read_to)
-        rest = sum(count for level, count in zip(self.levels, self.counts) if level < read_to)
-        return rest, sum(count for level, count in zip(self.levels, self.counts) if low <= level < read_to)
+    def count_between(self, low, high):
+        """Return how many entries the levels from low up to (not including) high hold."""
+        return sum(count for level, count in zip(self.levels, self.counts) if low <= level < high)
 
 
 @dataclasses.dataclass
@@ -1585,26 +1578,63 @@ class Ranker:
                 return decided
             depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
             if depth != math.inf:
-                rest, upcoming = map(sum, zip(*(t.unread(r, depth) for t, r in zip(self.search.terms, self.read_to))))
+                terms, lows = self.search.terms, self.plan(depth)
+                rest = sum(t.count_between(0, r) for t, r in zip(terms, self.read_to))
+                upcoming = sum(t.count_between(low, r) for t, low, r in zip(terms, lows, self.read_to))
                 if rest <= max(READ_REST_BELOW, READ_REST_RATIO * upcoming):
                     depth = math.inf
 
+    def plan(self, depth):
+        """Return, per term, the lowest level to read so that each group
+        reads at least depth entries (whole levels, else every one), taken
+        in the order of what they can score: weight times the level's best
+        impact. A group of one term reads its best levels; the eight
+        completions of a prefix read the bands that can score most, whichever
+        term holds them, not eight times a word's depth (bench/README.md:
+        "A prefix's completions read in the order of what they can score")."""
+        terms, lows = self.search.terms, [LEVELS] * len(self.search.terms)
+        for group in range(self.search.group_count):
+            bands = sorted(
+                (
+                    (term.weight * ((level + 1) * LEVEL_WIDTH - 1), index, level, count)
+                    for index, term in enumerate(terms)
+                    if term.group == group
+                    for level, count in zip(term.levels, term.counts)
+                ),
+                reverse=True,
+            )
+            total, floor = 0, -1
+            for can_score, _, _, count in bands:
+                total += count
+                if total >= depth:
+                    floor = can_score
+                    break
+            for can_score, index, level, _ in bands:
+                if can_score >= floor:
+                    lows[index] = min(lows[index], level)
+        return lows
+
     def read(self, depth):
-        """Read every term's postings down to depth entries (whole levels)."""
+        """Read every term's postings down to what plan(depth) asks (whole
+        levels). The lookup read each term's best levels with it: the first
+        round reads only what it asks beyond them, often nothing."""
         search = self.search
-        plans = [term.plan(depth) for term in search.terms]
-        lows = [min(level, upper) for (level, _), upper in zip(plans, self.read_to)]
-        if self.rounds == 1 and all(term.first and term.first[0] == low for term, low in zip(search.terms, lows)):
-            # the lookup read this round already
-            batches = [(index, *term.first[1:]) for index, term in enumerate(search.terms)]
-        else:
+        upper = list(self.read_to)
+        batches = []
+        if self.rounds == 1:
+            for index, term in enumerate(search.terms):
+                if term.first:
+                    batches.append((index, *term.first[1:]))
+                    upper[index] = term.first[0]
+        lows = [min(low, high) for low, high in zip(self.plan(depth), upper)]
+        if any(low < high for low, high in zip(lows, upper)):
             params = {
                 "language": search.language,
                 "lexemes": search.lexemes,
                 "min_levels": IntArray(lows),
-                "max_levels": IntArray(self.read_to),
+                "max_levels": IntArray(upper),
             }
-            batches = [
+            batches += [
                 (row["term"] - 1, row["segments"], row["chunks"])
                 for row in self.conn.execute(sql("fetch_postings"), params, binary=True)
             ]
@@ -1615,7 +1645,7 @@ class Ranker:
             self.entries[term].append(entries)
             self.entries_read += len(entries)
         self.read_to = lows
-        self.bounds = [min(bound, plan[1]) for bound, plan in zip(self.bounds, plans)]
+        self.bounds = [term.bound_below(low) for term, low in zip(search.terms, lows)]
 
     def without_dead(self, rows):
         """Return the rows (term, entries, their segments) without the entries

@@ -12,7 +12,10 @@
 -- With them, the first round of its postings (fetch_postings), so that a
 -- search starts with one round trip less: the levels from the best down to
 -- first_level, the first at which the counts reach %(depth)s entries (0: all
--- of them), as the segments and array_send entries of each row read.
+-- of them), as the segments and array_send entries of each row read. The
+-- completions of the prefix share that depth (share: how many there are,
+-- 1 for a word typed): eight of them read about what one word does, and the
+-- search reads on in those that can score most (Ranker.plan in app.py).
 WITH words AS (
     SELECT w.grp, v.lexeme COLLATE "C" AS lexeme, false AS completion
     FROM unnest(%(words)s::text[], %(word_groups)s::integer[]) AS w(word, grp),
@@ -30,12 +33,16 @@ WITH words AS (
          ORDER BY df DESC, lexeme
          LIMIT %(expansions)s)
     ) AS c
+),
+shared AS (
+    SELECT w.*, CASE WHEN w.completion THEN count(*) FILTER (WHERE w.completion) OVER () ELSE 1 END AS share
+    FROM words AS w
 )
 SELECT w.grp, w.lexeme, w.completion, coalesce(t.df, 0) AS df, t.levels, t.level_counts,
        s.pages AS corpus_pages, s.average_length,
        EXISTS (SELECT 1 FROM dead_postings) AS has_dead, EXISTS (SELECT 1 FROM index_queue) AS has_queued,
        first.level AS first_level, first.segments, first.chunks
-FROM words AS w
+FROM shared AS w
 LEFT JOIN term_stats AS t ON t.language = %(language)s AND t.lexeme = w.lexeme
 LEFT JOIN corpus_stats AS s ON s.language = %(language)s
 LEFT JOIN LATERAL (
@@ -43,7 +50,7 @@ LEFT JOIN LATERAL (
         SELECT c.level
         FROM (SELECT l.level, l.n, sum(l.count) OVER (ORDER BY l.n) AS total
               FROM unnest(t.levels, t.level_counts) WITH ORDINALITY AS l(level, count, n)) AS c
-        WHERE c.total >= %(depth)s
+        WHERE c.total * w.share >= %(depth)s
         ORDER BY c.n
         LIMIT 1
     ), 0) AS level

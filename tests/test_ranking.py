@@ -207,6 +207,7 @@ def random_queries(rng):
     queries = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) + " " for _ in range(40)]
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(10, 39)} " for _ in range(10)]
     queries += ['"w0 w1" w2 ', "w0 -w1 ", "w3 or w30 w5 ", "w1", "w2", "w0 w1 w2 w3 w4 w5 w6 w7 "]
+    queries += [f"w{rng.randint(0, 9)} w{rng.randint(1, 3)}" for _ in range(4)]  # a prefix: w1 is w1, w10..w19
     return queries
 
 
@@ -283,6 +284,32 @@ def test_a_search_reads_a_small_rest_at_once(db, random_corpus, monkeypatch):
     # round reads everything, where rounds four times deeper would take more.
     rounds = rounds_and_agreement(db, random_queries(random_corpus)[:20])
     assert max(rounds) == 2
+
+
+def test_a_prefixs_completions_share_one_words_first_round(app, db, tmp_path, monkeypatch):
+    """Eight completions of "pla", each on 60 pages at impacts spread over
+    many levels: their first round reads about what one word's does, not
+    eight times as much, and the search still finds the exhaustive top 10."""
+    monkeypatch.setattr(whoknows, "WHOLE_LIST_BELOW", 0)
+    monkeypatch.setattr(whoknows, "INITIAL_DEPTH", 32)
+    rng = random.Random(5)
+    pages = []
+    for n in range(whoknows.PREFIX_EXPANSIONS):
+        for copy in range(60):
+            words = [f"pla{n}z"] * rng.randint(1, 6) + rng.choices(WORDS, k=rng.randint(2, 80))
+            rng.shuffle(words)
+            url = f"https://example.org/p/{n}/{copy}"
+            pages.append({"title": f"Page {n} {copy}", "url": url, "language": "en", "content": " ".join(words)})
+    path = tmp_path / "prefix.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
+    whoknows.import_file(app.db, path, out=io.StringIO())
+    search = whoknows.look_up(db, whoknows.parse_query("pla"), "en")
+    assert len(search.terms) == whoknows.PREFIX_EXPANSIONS
+    first = [len(whoknows.decode_chunks(*term.first[1:], False)[0]) for term in search.terms]
+    assert all(count >= 32 / whoknows.PREFIX_EXPANSIONS for count in first)
+    assert sum(first) < 32 * whoknows.PREFIX_EXPANSIONS / 2, first
+    ranker = whoknows.Ranker(db, search)
+    assert [c.page_id for c in ranker.top(10)] == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)]
 
 
 @pytest.mark.parametrize(
