@@ -203,6 +203,12 @@ def random_page(rng, n):
     return {"title": f"{title} {n}", "url": f"https://example.org/r/{n}", "language": "en", "content": " ".join(body)}
 
 
+def import_pages(app, path, pages):
+    """Import pages (dicts) from a file at path, as `python app.py import` does."""
+    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
+    whoknows.import_file(app.db, path, out=io.StringIO())
+
+
 def random_queries(rng):
     queries = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) + " " for _ in range(40)]
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(10, 39)} " for _ in range(10)]
@@ -225,12 +231,8 @@ def random_corpus(app, db, tmp_path, monkeypatch, request):
     rng = random.Random(7)
     pages = [random_page(rng, n) for n in range(300)]
     monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 100)
-    first = tmp_path / "first.jsonl"
-    first.write_text("".join(json.dumps(p) + "\n" for p in pages[:200]))
-    whoknows.import_file(app.db, first, out=io.StringIO())  # a bulk import: a full build
-    second = tmp_path / "second.jsonl"
-    second.write_text("".join(json.dumps(p) + "\n" for p in pages[200:]))
-    whoknows.import_file(app.db, second, out=io.StringIO())  # new segments
+    import_pages(app, tmp_path / "first.jsonl", pages[:200])  # a bulk import: a full build
+    import_pages(app, tmp_path / "second.jsonl", pages[200:])  # new segments
     if changes:
         db.execute("UPDATE pages SET content = content || ' w0 w0' WHERE id % 17 = 0")
         db.execute("DELETE FROM pages WHERE id % 23 = 0")
@@ -300,9 +302,7 @@ def test_a_prefixs_completions_share_one_words_first_round(app, db, tmp_path, mo
             rng.shuffle(words)
             url = f"https://example.org/p/{n}/{copy}"
             pages.append({"title": f"Page {n} {copy}", "url": url, "language": "en", "content": " ".join(words)})
-    path = tmp_path / "prefix.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
-    whoknows.import_file(app.db, path, out=io.StringIO())
+    import_pages(app, tmp_path / "prefix.jsonl", pages)
     search = whoknows.look_up(db, whoknows.parse_query("pla"), "en")
     assert len(search.terms) == whoknows.PREFIX_EXPANSIONS
     first = [len(whoknows.decode_chunks(*term.first[1:], False)[0]) for term in search.terms]
@@ -310,6 +310,7 @@ def test_a_prefixs_completions_share_one_words_first_round(app, db, tmp_path, mo
     assert sum(first) < 32 * whoknows.PREFIX_EXPANSIONS / 2, first
     ranker = whoknows.Ranker(db, search)
     assert [c.page_id for c in ranker.top(10)] == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)]
+    assert ranker.entries_read < 2 * 32, ranker.entries_read  # about one word's depth, not eight
 
 
 @pytest.mark.parametrize(
@@ -340,9 +341,7 @@ def test_a_rare_word_narrows_the_decision_to_its_own_pages(app, db, tmp_path, bo
         rng.shuffle(words)
         url = f"https://example.org/n/{n}"
         pages.append({"title": f"Page {n}", "url": url, "language": "en", "content": " ".join(words)})
-    path = tmp_path / "narrow.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
-    whoknows.import_file(app.db, path, out=io.StringIO())
+    import_pages(app, tmp_path / "narrow.jsonl", pages)
     search = whoknows.look_up(db, whoknows.parse_query(q), "en")
     ranker = whoknows.Ranker(db, search)
     top = ranker.top(10)
@@ -371,9 +370,7 @@ def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, 
         {"title": f"Page {n}", "url": f"https://example.org/tie/{n}", "language": "en", "content": "search engines"}
         for n in range(150)
     ]
-    path = tmp_path / "ties.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pages))
-    whoknows.import_file(app.db, path, out=io.StringIO())
+    import_pages(app, tmp_path / "ties.jsonl", pages)
     answers = {}
 
     def rank_all():
