@@ -35,6 +35,7 @@ import hmac
 import html
 import http.client
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1594,12 +1595,23 @@ class Ranker:
         "A prefix's completions read in the order of what they can score")."""
         terms, lows = self.search.terms, [LEVELS] * len(self.search.terms)
         for group in range(self.search.group_count):
+            members = [index for index, term in enumerate(terms) if term.group == group]
+            if len(members) == 1:  # its levels in order, without a sort (most groups)
+                index = members[0]
+                lows[index] = next(
+                    (
+                        level
+                        for level, total in zip(terms[index].levels, itertools.accumulate(terms[index].counts))
+                        if total >= depth
+                    ),
+                    0,
+                )
+                continue
             bands = sorted(
                 (
-                    (term.weight * ((level + 1) * LEVEL_WIDTH - 1), index, level, count)
-                    for index, term in enumerate(terms)
-                    if term.group == group
-                    for level, count in zip(term.levels, term.counts)
+                    (terms[index].weight * ((level + 1) * LEVEL_WIDTH - 1), index, level, count)
+                    for index in members
+                    for level, count in zip(terms[index].levels, terms[index].counts)
                 ),
                 reverse=True,
             )
