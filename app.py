@@ -26,6 +26,7 @@ Run `python app.py --help`.
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -896,18 +897,71 @@ def keyed_hash(value):
     return hmac.new(bytes(current_app().secret_key), value.encode(), hashlib.sha256).hexdigest()
 
 
+class Busy(Exception):
+    """The server is saturated: the request is refused (503) rather than left waiting."""
+
+
+class FairSlots:
+    """At most n holders at a time, served strictly in their order of arrival.
+
+    threading.Semaphore lets a newcomer take a freed slot before the waiter it
+    woke, and that waiter then queues again at the back: under a steady flood
+    of logins, one could wait without end (a soak saw requests wait over 10 s).
+    Here a freed slot passes straight to the first waiter."""
+
+    def __init__(self, n):
+        self._lock = threading.Lock()
+        self._free = n
+        self._waiting = collections.deque()
+
+    def acquire(self, timeout):
+        """Take a slot within timeout seconds; True if taken."""
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._waiting.append(turn)
+        if turn.wait(timeout):
+            return True
+        with self._lock:
+            if turn.is_set():  # handed over as the wait ran out: it holds the slot
+                return True
+            self._waiting.remove(turn)
+            return False
+
+    def release(self):
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
+
+    @contextlib.contextmanager
+    def held(self, timeout):
+        """Hold a slot for the block, or raise Busy after timeout seconds."""
+        if not self.acquire(timeout):
+            raise Busy("Too many logins at once right now. Please try again in a moment.")
+        try:
+            yield
+        finally:
+            self.release()
+
+
 # scrypt with n=2**15, r=8, p=1 uses 32 MiB and takes about 70 ms here: slow
 # enough to make guessing expensive, fast enough for a login. Two hashes at a
-# time at most (one per core), so a flood of logins queues instead of
-# exhausting memory and CPU.
+# time at most (one per core), so a flood of logins queues, in order, instead
+# of exhausting memory and CPU; a request that would wait more than
+# HASH_WAIT_SECONDS (about 140 hashes ahead of it) gets a 503 instead.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 MAX_PASSWORD_LENGTH = 256
 MIN_PASSWORD_LENGTH = 6
-_hash_slots = threading.BoundedSemaphore(2)
+HASH_WAIT_SECONDS = 5
+_hash_slots = FairSlots(2)
 
 
 def _scrypt(password, salt, n, r, p):
-    with _hash_slots:
+    with _hash_slots.held(HASH_WAIT_SECONDS):
         return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=128 * r * n + 2**20, dklen=32)
 
 
@@ -2608,8 +2662,9 @@ def api_register():
         username, email, problem = "", "", (exc.field, str(exc))
     if not problem:
         try:
+            # Hashed first: a pool connection is not held through the hash (or its queue).
+            params = {"username": username, "email": email, "password_hash": hash_password(password)}
             with current_app().db.connection() as conn:
-                params = {"username": username, "email": email, "password_hash": hash_password(password)}
                 conn.execute(sql("insert_user"), params)
         except psycopg.errors.UniqueViolation as exc:
             taken = exc.diag.constraint_name == "users_email_key"
@@ -2796,8 +2851,9 @@ def log_unexpected_errors(callback):
     return wrapper
 
 
-def database_outage_as_503(callback):
-    """Plugin: turn an unreachable database (pool timeout, lost connection) into a 503."""
+def unavailable_as_503(callback):
+    """Plugin: turn an unreachable database (pool timeout, lost connection),
+    or a saturated server (Busy), into a 503 with Retry-After."""
 
     @functools.wraps(callback)
     def wrapper(*args, **kwargs):
@@ -2807,6 +2863,10 @@ def database_outage_as_503(callback):
             log.warning("database unavailable: %s: %s", type(exc).__name__, one_line(exc))
             bottle.response.set_header("Retry-After", "5")
             return error_page(503, "The database is unavailable right now. Please try again in a moment.")
+        except Busy as exc:
+            log.warning("refused, busy: %s", exc)
+            bottle.response.set_header("Retry-After", "1")
+            return error_page(503, str(exc))
 
     return wrapper
 
@@ -2839,7 +2899,7 @@ def hold_for_password_change(callback):
     return wrapper
 
 
-PLUGINS = (log_unexpected_errors, database_outage_as_503, refuse_cross_site_writes, hold_for_password_change)
+PLUGINS = (log_unexpected_errors, unavailable_as_503, refuse_cross_site_writes, hold_for_password_change)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

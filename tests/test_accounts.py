@@ -463,6 +463,52 @@ def test_password_hashes_are_salted_and_verify():
     assert not whoknows.check_password("md5$" + hashlib.md5(b"pw").hexdigest(), "PW")
 
 
+def test_hash_slots_go_to_waiters_in_their_order_of_arrival():
+    """A freed slot goes to the first waiter, never to a newcomer (threading's
+    Semaphore lets the newcomer overtake, and the overtaken waiter queues again
+    at the back: a soak saw logins wait over 10 s)."""
+    slots = whoknows.FairSlots(1)
+    assert slots.acquire(timeout=0)
+    order, threads = [], []
+
+    def waiter(name):
+        assert slots.acquire(timeout=10)
+        order.append(name)
+        slots.release()
+
+    for name in "abc":
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        while len(slots._waiting) < len(threads):
+            threading.Event().wait(0.001)
+    slots.release()
+    assert not slots.acquire(timeout=0)  # a newcomer does not take the slot handed to "a"
+    for thread in threads:
+        thread.join()
+    assert order == ["a", "b", "c"]
+    assert slots.acquire(timeout=0)  # the last release freed it
+
+
+def test_logins_beyond_the_hash_queue_get_a_503_and_change_nothing(client, db, monkeypatch):
+    register(client, "queued", "secret123")
+    monkeypatch.setattr(whoknows, "HASH_WAIT_SECONDS", 0.2)
+    held = [whoknows._hash_slots.acquire(timeout=5) for _ in range(2)]  # both slots busy
+    try:
+        assert held == [True, True]
+        response = register(client, "late", "secret123", headers=JSON)
+        assert response.status_int == 503 and response.headers["Retry-After"] == "1"
+        assert response.json["message"] == "Too many logins at once right now. Please try again in a moment."
+        page = client.post("/api/login", {"username": "queued", "password": "secret123"}, status=503)
+        assert "Too many logins at once" in page.text
+    finally:
+        for _ in held:
+            whoknows._hash_slots.release()
+    assert db.execute("SELECT count(*) AS n FROM users WHERE username = 'late'").fetchone()["n"] == 0
+    assert db.execute("SELECT count(*) AS n FROM login_failures").fetchone()["n"] == 0
+    assert "session" not in client.cookies
+    assert client.post("/api/login", {"username": "queued", "password": "secret123"}, headers=JSON).status_int == 200
+
+
 def test_multipart_forms_are_decoded_once(client, db):
     """Browsers may post multipart/form-data; Bottle decodes those fields itself."""
     fields = [("username", "Åse"), ("email", "åse@example.org"), ("password", "hemmeligt"), ("password2", "hemmeligt")]
