@@ -911,7 +911,7 @@ class FairSlots:
 
     def __init__(self, n):
         self._lock = threading.Lock()
-        self._free = n
+        self._n = self._free = n
         self._waiting = collections.deque()
 
     def acquire(self, timeout):
@@ -922,10 +922,18 @@ class FairSlots:
                 return True
             turn = threading.Event()
             self._waiting.append(turn)
-        if turn.wait(timeout):
-            return True
+        try:
+            taken = turn.wait(timeout)
+        except BaseException:  # interrupted: pass on a slot handed over meanwhile
+            if self._leave(turn):
+                self.release()
+            raise
+        return taken or self._leave(turn)
+
+    def _leave(self, turn):
+        """Leave the queue after a wait; True if a slot was handed over all the same."""
         with self._lock:
-            if turn.is_set():  # handed over as the wait ran out: it holds the slot
+            if turn.is_set():
                 return True
             self._waiting.remove(turn)
             return False
@@ -934,14 +942,16 @@ class FairSlots:
         with self._lock:
             if self._waiting:
                 self._waiting.popleft().set()
-            else:
+            elif self._free < self._n:
                 self._free += 1
+            else:
+                raise ValueError("released more often than acquired")
 
     @contextlib.contextmanager
     def held(self, timeout):
         """Hold a slot for the block, or raise Busy after timeout seconds."""
         if not self.acquire(timeout):
-            raise Busy("Too many logins at once right now. Please try again in a moment.")
+            raise Busy("The server is busy right now. Please try again in a moment.")
         try:
             yield
         finally:
@@ -951,8 +961,9 @@ class FairSlots:
 # scrypt with n=2**15, r=8, p=1 uses 32 MiB and takes about 70 ms here: slow
 # enough to make guessing expensive, fast enough for a login. Two hashes at a
 # time at most (one per core), so a flood of logins queues, in order, instead
-# of exhausting memory and CPU; a request that would wait more than
-# HASH_WAIT_SECONDS (about 140 hashes ahead of it) gets a 503 instead.
+# of exhausting memory and CPU. With waitress's 8 threads, at most 6 wait;
+# one that has waited HASH_WAIT_SECONDS for its turn (a machine far slower
+# than usual, or many more threads) gets a 503 instead.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 MAX_PASSWORD_LENGTH = 256
 MIN_PASSWORD_LENGTH = 6

@@ -4,6 +4,7 @@ import hashlib
 import io
 import sqlite3
 import threading
+import time
 
 import pytest
 import webtest
@@ -469,24 +470,33 @@ def test_hash_slots_go_to_waiters_in_their_order_of_arrival():
     at the back: a soak saw logins wait over 10 s)."""
     slots = whoknows.FairSlots(1)
     assert slots.acquire(timeout=0)
-    order, threads = [], []
+    order, threads, go = [], [], threading.Event()
 
     def waiter(name):
-        assert slots.acquire(timeout=10)
-        order.append(name)
-        slots.release()
+        if slots.acquire(timeout=10):
+            order.append(name)
+            go.wait(10)  # "a" holds its slot until the newcomer has tried
+            slots.release()
 
     for name in "abc":
         threads.append(threading.Thread(target=waiter, args=(name,)))
         threads[-1].start()
-        while len(slots._waiting) < len(threads):
-            threading.Event().wait(0.001)
+        deadline = time.monotonic() + 10
+        while len(slots._waiting) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert len(slots._waiting) == 3
     slots.release()
-    assert not slots.acquire(timeout=0)  # a newcomer does not take the slot handed to "a"
-    for thread in threads:
-        thread.join()
+    try:
+        assert not slots.acquire(timeout=0)  # a newcomer does not take the slot handed to "a"
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join()
     assert order == ["a", "b", "c"]
     assert slots.acquire(timeout=0)  # the last release freed it
+    slots.release()
+    with pytest.raises(ValueError):
+        slots.release()  # more releases than acquisitions
 
 
 def test_logins_beyond_the_hash_queue_get_a_503_and_change_nothing(client, db, monkeypatch):
@@ -497,12 +507,13 @@ def test_logins_beyond_the_hash_queue_get_a_503_and_change_nothing(client, db, m
         assert held == [True, True]
         response = register(client, "late", "secret123", headers=JSON)
         assert response.status_int == 503 and response.headers["Retry-After"] == "1"
-        assert response.json["message"] == "Too many logins at once right now. Please try again in a moment."
+        assert response.json["message"] == "The server is busy right now. Please try again in a moment."
         page = client.post("/api/login", {"username": "queued", "password": "secret123"}, status=503)
-        assert "Too many logins at once" in page.text
+        assert "The server is busy right now" in page.text
     finally:
-        for _ in held:
-            whoknows._hash_slots.release()
+        for taken in held:
+            if taken:
+                whoknows._hash_slots.release()
     assert db.execute("SELECT count(*) AS n FROM users WHERE username = 'late'").fetchone()["n"] == 0
     assert db.execute("SELECT count(*) AS n FROM login_failures").fetchone()["n"] == 0
     assert "session" not in client.cookies
