@@ -520,6 +520,40 @@ def test_logins_beyond_the_hash_queue_get_a_503_and_change_nothing(client, db, m
     assert client.post("/api/login", {"username": "queued", "password": "secret123"}, headers=JSON).status_int == 200
 
 
+def test_registrations_waiting_for_their_hash_hold_no_database_connection(make_app, db):
+    """A queued hash must not pin a pool connection: with a pool of 2, two
+    registrations waiting for their hashes leave a search its connection."""
+    small = make_app(pool_max_size=2, pool_timeout=1)
+    small.db.pool().wait(10)
+    clients = [webtest.TestApp(small) for _ in range(3)]
+    assert clients[0].get("/api/search?q=anything").status_int == 200
+    responses = []
+    waiters = [
+        threading.Thread(target=lambda c=c, n=n: responses.append(register(c, n, "secret123", headers=JSON)))
+        for c, n in zip(clients[1:], ("patient", "patienter"))
+    ]
+    held = [whoknows._hash_slots.acquire(timeout=5) for _ in range(2)]  # both slots busy
+    try:
+        assert held == [True, True]
+        for waiter in waiters:
+            waiter.start()
+        deadline = time.monotonic() + 10
+        while len(whoknows._hash_slots._waiting) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(whoknows._hash_slots._waiting) == 2  # both registrations wait for their hash
+        # Another query: a repeated one would come from the result cache, without the database.
+        assert clients[0].get("/api/search?q=different", expect_errors=True).status_int == 200
+    finally:
+        for taken in held:
+            if taken:
+                whoknows._hash_slots.release()
+        for waiter in waiters:
+            if waiter.ident is not None:
+                waiter.join(10)
+    assert [response.status_int for response in responses] == [200, 200]
+    assert db.execute("SELECT count(*) AS n FROM users WHERE username LIKE 'patient%'").fetchone()["n"] == 2
+
+
 def test_multipart_forms_are_decoded_once(client, db):
     """Browsers may post multipart/form-data; Bottle decodes those fields itself."""
     fields = [("username", "Åse"), ("email", "åse@example.org"), ("password", "hemmeligt"), ("password2", "hemmeligt")]
