@@ -961,7 +961,7 @@ class FairSlots:
 # scrypt with n=2**15, r=8, p=1 uses 32 MiB and takes about 70 ms here: slow
 # enough to make guessing expensive, fast enough for a login. Two hashes at a
 # time at most (one per core), so a flood of logins queues, in order, instead
-# of exhausting memory and CPU. With waitress's 8 threads, at most 6 wait;
+# of exhausting memory and CPU. With waitress's default 8 threads, 6 wait at most;
 # one that has waited HASH_WAIT_SECONDS for its turn (a machine far slower
 # than usual, or many more threads) gets a 503 instead.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
