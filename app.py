@@ -32,11 +32,11 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
 import ipaddress
-import itertools
 import json
 import logging
 import math
@@ -1418,6 +1418,12 @@ class Term:
     counts: list
     first: tuple | None = None  # (level, segments, chunks): its best levels, read with the lookup
 
+    def bands(self, index):
+        """Yield (what a level can score: weight times its best impact, index,
+        level, count) for each of this term's levels, best first."""
+        for level, count in zip(self.levels, self.counts):
+            yield self.weight * ((level + 1) * LEVEL_WIDTH - 1), index, level, count
+
     def bound_below(self, read_to):
         """Return the highest impact of the levels below read_to (0: none is left)."""
         below = [level for level in self.levels if level < read_to]
@@ -1660,35 +1666,18 @@ class Ranker:
         "A prefix's completions read in the order of what they can score")."""
         terms, lows = self.search.terms, [LEVELS] * len(self.search.terms)
         for group in range(self.search.group_count):
-            members = [index for index, term in enumerate(terms) if term.group == group]
-            if len(members) == 1:  # its levels in order, without a sort (most groups)
-                index = members[0]
-                lows[index] = next(
-                    (
-                        level
-                        for level, total in zip(terms[index].levels, itertools.accumulate(terms[index].counts))
-                        if total >= depth
-                    ),
-                    0,
-                )
-                continue
-            bands = sorted(
-                (
-                    (terms[index].weight * ((level + 1) * LEVEL_WIDTH - 1), index, level, count)
-                    for index in members
-                    for level, count in zip(terms[index].levels, terms[index].counts)
-                ),
-                reverse=True,
-            )
-            total, floor = 0, -1
-            for can_score, _, _, count in bands:
-                total += count
-                if total >= depth:
-                    floor = can_score
+            # Each term's bands come best first, so merging them orders the
+            # group's (a group of one term has nothing to merge).
+            each = [term.bands(index) for index, term in enumerate(terms) if term.group == group]
+            bands = each[0] if len(each) == 1 else heapq.merge(*each, reverse=True)
+            total, floor = 0, None
+            for can_score, index, level, count in bands:
+                if floor is not None and can_score < floor:
                     break
-            for can_score, index, level, _ in bands:
-                if can_score >= floor:
-                    lows[index] = min(lows[index], level)
+                lows[index] = min(lows[index], level)
+                total += count
+                if floor is None and total >= depth:
+                    floor = can_score  # and the bands that can score as much
         return lows
 
     def read(self, depth):
