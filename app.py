@@ -1628,6 +1628,7 @@ class Ranker:
         self.filters = bool(search.query.phrases or search.query.excluded)
         self.checks = self.random_accesses = self.rounds = self.entries_read = 0
         self.narrowed = False  # the answer came from the pages of the groups read to the end alone
+        self.planned = None  # (depth, plan(depth)): top() plans the depth that read() then reads
         self.resolutions = 0  # decisions that looked only at open pages of those groups
 
     def top(self, k):
@@ -1664,6 +1665,8 @@ class Ranker:
         completions of a prefix read the bands that can score most, whichever
         term holds them, not eight times a word's depth (bench/README.md:
         "A prefix's completions read in the order of what they can score")."""
+        if self.planned is not None and self.planned[0] == depth:
+            return self.planned[1]
         terms, lows = self.search.terms, [LEVELS] * len(self.search.terms)
         for group in range(self.search.group_count):
             # Each term's bands come best first, so merging them orders the
@@ -1678,6 +1681,7 @@ class Ranker:
                 total += count
                 if floor is None and total >= depth:
                     floor = can_score  # and the bands that can score as much
+        self.planned = depth, lows
         return lows
 
     def read(self, depth):
@@ -1792,34 +1796,38 @@ class Ranker:
         search, count = self.search, self.search.group_count
         pages, score, matched, floor = self.read_state(only)
         n = len(pages)
-        matched = matched.copy()
-        possible = [numpy.ones(n, bool) for _ in search.terms]  # the term may name the page, unread
-        lowest = score.copy()
-        checked_mask = numpy.zeros(n, bool)
+        # What the checked pages' vectors add; read_state's arrays stay as
+        # they are (cached), and are copied only when some page was checked.
+        lacking = [None] * len(search.terms)  # per term: the pages whose vector lacks it
+        lowest, checked = score, numpy.zeros(n, bool)
         if self.present and n:  # checked pages: the terms their vectors lack cannot name them
+            matched, lowest = matched.copy(), score.copy()
             ids, has = self.present_matrix()
             at = numpy.minimum(numpy.searchsorted(pages, ids), n - 1)
             read = pages[at] == ids  # checked pages that a posting read names
             at, has = at[read], has[read]
-            checked_mask[at] = True
+            checked[at] = True
             for term_index, term in enumerate(search.terms):
-                possible[term_index][at[~has[:, term_index]]] = False
+                lacking[term_index] = at[~has[:, term_index]]
                 there = at[has[:, term_index]]  # present: it scores at least its floor
                 matched[term.group, there] = True
                 lowest[term.group, there] = numpy.maximum(lowest[term.group, there], term.weight * floor[there])
         reach = numpy.zeros((count, n), numpy.int64)
-        for term, bound, can in zip(search.terms, self.bounds, possible):
+        for term, bound, lacks in zip(search.terms, self.bounds, lacking):
             if bound > 0:
                 # Unread entries are at most the bound; a page whose floor is above it lacks the term.
-                reach[term.group] = numpy.maximum(
-                    reach[term.group], numpy.where(can & (floor <= bound), term.weight * bound, 0)
-                )
+                may = floor <= bound
+                if lacks is not None:
+                    may[lacks] = False
+                numpy.maximum(reach[term.group], numpy.where(may, term.weight * bound, 0), out=reach[term.group])
         low = lowest.sum(axis=0)
         high = numpy.maximum(score, reach).sum(axis=0)  # an entry read is above its term's bound
         full = matched.all(axis=0)
         may_all = (matched | (reach > 0)).all(axis=0)
-        exact = (high == low) & (full == may_all) & (checked_mask if self.filters else True)
-        bits = (matched * (1 << numpy.arange(count))[:, None]).sum(axis=0)
+        exact = (high == low) & (full == may_all)
+        if self.filters:  # whether a page passes the phrases and exclusions is known once it is checked
+            exact &= checked
+        bits = (1 << numpy.arange(count)) @ matched  # the bit of each group it matches
         return pages, low, high, bits, full, may_all, exact
 
     def present_matrix(self):
@@ -1855,10 +1863,12 @@ class Ranker:
         complete, resolving = self.complete_pages(), False
         for only in (complete, None) if complete is not None else (None,):
             pages, low, high, bits, full, may_all, exact = self.state(only)
-            keep = ~numpy.isin(pages, list(self.rejected | set(self.exact)))
-            pages, low, high, bits, full, may_all, exact = (
-                a[keep] for a in (pages, low, high, bits, full, may_all, exact)
-            )
+            settled = self.rejected | self.exact.keys()  # rejected, or scored from their vectors
+            if settled:
+                keep = ~numpy.isin(pages, list(settled))
+                pages, low, high, bits, full, may_all, exact = (
+                    a[keep] for a in (pages, low, high, bits, full, may_all, exact)
+                )
             lower = numpy.concatenate([full * TIER + low, exact_keys])
             upper = numpy.concatenate([may_all * TIER + high, exact_keys])
             kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
