@@ -275,6 +275,7 @@ def wrk(port, paths, connections, duration, accept="*/*"):
         "p95_ms": figures["p95_us"] / 1000,
         "p99_ms": figures["p99_us"] / 1000,
         "errors": errors,
+        "requests": figures["requests"],
     }
 
 
@@ -457,25 +458,70 @@ def fidelity_sets(mix):
 
 
 def table(rows):
-    head = "| run | conns | req/s | p50 ms | p95 ms | p99 ms | errors | ÷ HTTP limit | ÷ naive |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| run | conns | req/s | p50 ms | p95 ms | p99 ms | errors | ÷ HTTP limit | ÷ naive "
+        "| app CPU ms/req | database CPU ms/req |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for row in rows:
+        cpu = {key: "" if row.get(key) is None else f"{row[key]:.2f}" for key in ("app_cpu", "db_cpu")}
         lines.append(
             "| {run} | {conns} | {rps:,.0f} | {p50_ms:.1f} | {p95_ms:.1f} | {p99_ms:.1f} | {errors} | "
-            "{http} | {naive} |".format(**row)
+            "{http} | {naive} | {app_cpu} | {db_cpu} |".format(**{**row, **cpu})
         )
     return "\n".join(lines)
+
+
+def process_cpu(pid):
+    """Return the CPU seconds (user and system) that process pid has used, or
+    None when /proc does not show it."""
+    try:
+        # Fields after the command name (which may hold spaces), from field 3: utime is 14, stime 15.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(url):
+    """Return {pid: CPU seconds} of the app's connections to the bench
+    database, or None when the database runs on another machine (its
+    process ids mean nothing here)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        host = conn.info.host
+        if not (host.startswith("/") or host in ("127.0.0.1", "localhost", "::1")):
+            return None
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'whoknows'"
+        ).fetchall()
+    return {pid: cpu for (pid,) in rows if (cpu := process_cpu(pid)) is not None}
+
+
+def cpu_per_request(before, after, requests):
+    """Return the milliseconds of CPU per request between two readings (a
+    number or a {pid: seconds} dict), or None when either is unknown."""
+    if before is None or after is None or not requests:
+        return None
+    if isinstance(after, dict):  # connections opened during the run started from nothing
+        after, before = sum(after.values()), sum(before.get(pid, 0) for pid in after)
+    return (after - before) * 1000 / requests
 
 
 def load_run(url, port, paths, conns, duration, samplers, accept="*/*", **env):
     """One wrk run against a server started for it, so that every run begins
     with an empty result cache and none is served from an earlier one's; the
-    server's RSS sampler is added to samplers."""
+    server's RSS sampler is added to samplers. The figures include the CPU
+    per request of the app process and of its database connections."""
     server = serve(url, port, **env)
     samplers.append(RssSampler(server.pid))
     samplers[-1].start()
     try:
-        return wrk(port, paths, conns, duration, accept=accept)
+        app_before, db_before = process_cpu(server.pid), backend_cpu(url)
+        figures = wrk(port, paths, conns, duration, accept=accept)
+        app_after, db_after = process_cpu(server.pid), backend_cpu(url)
+        figures["app_cpu"] = cpu_per_request(app_before, app_after, figures["requests"])
+        figures["db_cpu"] = cpu_per_request(db_before, db_after, figures["requests"])
+        return figures
     finally:
         samplers[-1].running = False
         server.terminate()
