@@ -503,7 +503,8 @@ def cpu_per_request(before, after, requests):
     if before is None or after is None or not requests:
         return None
     if isinstance(after, dict):  # connections opened during the run started from nothing
-        after, before = sum(after.values()), sum(before.get(pid, 0) for pid in after)
+        before = sum(before.get(pid, 0) for pid in after)
+        after = sum(after.values())
     return (after - before) * 1000 / requests
 
 
