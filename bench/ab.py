@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import prometheus_client
-import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import database_url  # noqa: E402  (bench/run.py's naming of the bench databases)
+from run import connect_like_the_app, database_url, distinct_queries, read_mix  # noqa: E402  (bench/run.py's)
 
 
 def load_app(name, folder):
@@ -86,14 +85,13 @@ def main():
     mix_file = ROOT / "bench" / "data" / f"queries-{args.pages}.txt"
     if not server_url or not mix_file.exists():
         raise SystemExit("bench/ab.py: needs BENCH_DATABASE_URL and an earlier `bench/run.py --pages N` run's data")
-    lines = mix_file.read_text(encoding="utf-8").splitlines()
-    queries = [tuple(line.split("\t", 1)) for line in dict.fromkeys(lines)][: args.queries]
+    queries = distinct_queries(read_mix(mix_file), args.queries)
     os.environ.setdefault("SECRET_KEY", "bench-ab-" + "0" * 32)  # nothing is signed; the module wants one
     with tempfile.TemporaryDirectory() as folder:
         checkout(args.base, Path(folder))
         revisions = {args.base: load_app("app_base", Path(folder)), "working tree": load_app("app_new", ROOT)}
         url = database_url(server_url, f"whoknows_bench_{args.pages}")
-        with psycopg.connect(url, **revisions["working tree"].CONNECTION_KWARGS) as conn:
+        with connect_like_the_app(url) as conn:
             for module in revisions.values():  # warm the caches and the prepared statements
                 run_all(module, conn, queries)
             figures = {name: [] for name in revisions}

@@ -90,9 +90,19 @@ def ensure_data(pages, requests):
             ],
             check=True,
         )
-    mix = [line.split("\t", 1) for line in queries_file.read_text(encoding="utf-8").splitlines()]
+    mix = read_mix(queries_file)
     kinds = [line.split("\t") for line in Path(f"{queries_file}.kinds").read_text(encoding="utf-8").splitlines()]
     return pages_file, mix, kinds
+
+
+def read_mix(queries_file):
+    """Return the query mix of a queries file: [language, q] per line."""
+    return [line.split("\t", 1) for line in queries_file.read_text(encoding="utf-8").splitlines()]
+
+
+def distinct_queries(mix, limit):
+    """Return the first limit distinct (language, q) of the mix, in order."""
+    return list(dict.fromkeys(map(tuple, mix)))[:limit]
 
 
 # Database server ##############################################################
@@ -405,7 +415,7 @@ def kind_costs(url, kinds, repeat=30):
 def mix_costs(url, mix, limit=2000):
     """Time app.run_search once for each of the first `limit` distinct queries
     of the mix: what the database work of an uncached search costs."""
-    distinct = list(dict.fromkeys(map(tuple, mix)))[:limit]
+    distinct = distinct_queries(mix, limit)
     with connect_like_the_app(url) as conn:
         times = sorted(
             timed(lambda lang=language, text=q: app.run_search(conn, text, lang, 1), 1)[0] for language, q in distinct
