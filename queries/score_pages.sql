@@ -30,6 +30,11 @@ LEFT JOIN LATERAL (
                coalesce(cardinality(array_positions(u.weights, 'A')), 0),
                cardinality(u.positions) - coalesce(cardinality(array_positions(u.weights, 'A')), 0),
                s.body_length, %(average_length)s) ORDER BY q.term) AS impacts
-    FROM unnest(s.search) AS u
+    -- Only the query's lexemes are unnested: the vector less every other
+    -- lexeme (two ts_delete passes, in C), not every lexeme with its
+    -- positions, then joined to the query. For 10 random pages of bench/'s
+    -- 100k corpus (PG 15): 1.1-1.6 ms a call before, 0.73 ms after, the
+    -- same rows.
+    FROM unnest(ts_delete(s.search, tsvector_to_array(ts_delete(s.search, %(lexemes)s::text[])))) AS u
     JOIN query AS q ON q.lexeme = u.lexeme
 ) AS t ON true
