@@ -1444,23 +1444,35 @@ class Term:
 
 @dataclasses.dataclass
 class Search:
-    """A parsed query with its terms looked up in one language."""
+    """A parsed query with its terms looked up in one language.
+
+    Its groups are the query's groups that have a lexeme (words): a stop word
+    has none, so it is not searched and a page cannot lack it. Feedback
+    groups may follow them (expand_search): they add to a page's score, not
+    to the tier of pages that match every group typed (all_groups).
+    """
 
     query: ParsedQuery
     language: str
     terms: list
     pages: int
     average_length: float | None
+    words: list  # per group typed: its words in the query (`fox or dog`: two)
     has_dead: bool = False
     has_queued: bool = False
+    feedback: int = 0  # groups added by expand_search, after the ones typed
+
+    @property
+    def typed(self):
+        return len(self.words)
 
     @property
     def group_count(self):
-        return len(self.query.groups)
+        return self.typed + self.feedback
 
     @property
     def all_groups(self):
-        return (1 << self.group_count) - 1
+        return (1 << self.typed) - 1
 
     @property
     def lexemes(self):
@@ -1474,7 +1486,7 @@ class Search:
             "lexemes": self.lexemes,
             "weights": IntArray(t.weight for t in self.terms),
             "groups": IntArray(t.group for t in self.terms),
-            "all_groups": self.all_groups,
+            "typed": self.typed,
             "phrases": TextArray(self.query.phrases),
             "excluded": TextArray(self.query.excluded),
             "average_length": self.average_length,
@@ -1486,7 +1498,7 @@ class Search:
         for index, impact in zip(terms, impacts):
             term = self.terms[index - 1]
             best[term.group] = max(best.get(term.group, 0), term.weight * impact)
-        return sum(1 << group for group in best), sum(best.values())
+        return sum(1 << group for group in best if group < self.typed), sum(best.values())
 
     def estimate_total(self):
         """Return (total, is_estimate): how many pages match any group; exact
@@ -1497,7 +1509,7 @@ class Search:
         if len(self.terms) == 1 and not self.query.phrases and not self.query.excluded:
             return self.terms[0].df, False
         missing = 1.0
-        for group in range(self.group_count):
+        for group in range(self.typed):
             df = sum(t.df for t in self.terms if t.group == group)
             missing *= 1 - min(df, self.pages) / self.pages
         return round(self.pages * (1 - missing)), True
@@ -1530,6 +1542,8 @@ def look_up(conn, query, language):
     has_queued = bool(rows and rows[0]["has_queued"])
     if average is None and pages:  # no index built yet: the exact average, as every path computes it
         average = conn.execute(sql("average_body_length"), {"language": language}).fetchone()["average"]
+    # A stop word has no lexeme, so no row: its group is not searched.
+    place = {group: index for index, group in enumerate(sorted({row["grp"] for row in rows}))}
     terms, seen, typed = [], set(), {}
     for row in rows:  # the words typed come before the completions of each group
         key = (row["grp"], row["lexeme"])
@@ -1549,7 +1563,7 @@ def look_up(conn, query, language):
         terms.append(
             Term(
                 row["lexeme"],
-                row["grp"],
+                place[row["grp"]],
                 round(weight),
                 row["df"],
                 row["levels"] or [],
@@ -1557,7 +1571,8 @@ def look_up(conn, query, language):
                 first,
             )
         )
-    return Search(query, language, terms, pages, average, has_dead, has_queued)
+    words = [query.groups[group] for group in place]
+    return Search(query, language, terms, pages, average, words, has_dead, has_queued)
 
 
 @dataclasses.dataclass
@@ -1757,7 +1772,7 @@ class Ranker:
 
         def compute():
             complete = []
-            for group in range(self.search.group_count):
+            for group in range(self.search.typed):
                 members = [i for i, term in enumerate(self.search.terms) if term.group == group]
                 if all(self.bounds[i] == 0 for i in members):
                     complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
@@ -1828,14 +1843,16 @@ class Ranker:
                 if lacks is not None:
                     may[lacks] = False
                 numpy.maximum(reach[term.group], numpy.where(may, term.weight * bound, 0), out=reach[term.group])
+        typed = search.typed  # the groups of the tier; feedback groups only add to the score
         low = lowest.sum(axis=0)
         high = numpy.maximum(score, reach).sum(axis=0)  # an entry read is above its term's bound
-        full = matched.all(axis=0)
-        may_all = (matched | (reach > 0)).all(axis=0)
+        full = matched[:typed].all(axis=0)
+        may_all = (matched[:typed] | (reach[:typed] > 0)).all(axis=0)
         exact = (high == low) & (full == may_all)
         if self.filters:  # whether a page passes the phrases and exclusions is known once it is checked
             exact &= checked
-        bits = (1 << numpy.arange(count)) @ matched  # the bit of each group it matches
+        # The bit of each typed group it matches (64 of them fill an unsigned 64-bit word).
+        bits = (numpy.uint64(1) << numpy.arange(typed, dtype=numpy.uint64)) @ matched[:typed]
         return pages, low, high, bits, full, may_all, exact
 
     def present_matrix(self):
@@ -1862,7 +1879,7 @@ class Ranker:
         for term, bound in zip(search.terms, self.bounds):
             if bound > 0:
                 most[term.group] = max(most[term.group], term.weight * bound)
-        unseen = all(most) * TIER + sum(most)  # a page no read posting names
+        unseen = all(most[: search.typed]) * TIER + sum(most)  # a page no read posting names
         # The pages of the groups read to the end first (only): when k of
         # them surely match every group, no other page can place (narrowed);
         # when k may, the open ones among them are settled first (resolving).
@@ -1952,7 +1969,8 @@ def exhaustive_top(conn, search, k):
     evaluated on every page from its own vector: no index, no pruning."""
     params = {**search.params(), "limit": k}
     rows = conn.execute(sql("search_exhaustive"), params).fetchall()
-    return [(row["page_id"], int(row["matched"]), int(row["low"])) for row in rows]
+    # matched is a bigint: with 64 groups typed, the last one's bit is its sign.
+    return [(row["page_id"], int(row["matched"]) % (1 << 64), int(row["low"])) for row in rows]
 
 
 @dataclasses.dataclass
@@ -1977,7 +1995,7 @@ class SearchResult:
 
 def search_params(search, page_ids):
     """Return the parameters of queries/get_search_results.sql for these pages."""
-    words = [w for group in search.query.groups for w in group]
+    words = [w for group in search.words for w in group]  # stop words are not where a snippet starts
     locate = (re.findall(r"\w+", words[0]) or [""])[0].lower() if words else ""
     return {
         "page_ids": IntArray(page_ids),
@@ -2027,9 +2045,9 @@ def run_search(conn, q, language, page):
         ids = ids[:PAGE_SIZE]
     matched = {c.page_id: c.matched for c in top}
     missing = {
-        page_id: [words[0] for g, words in enumerate(query.groups) if not matched.get(page_id, -1) >> g & 1]
+        page_id: [words[0] for g, words in enumerate(search.words) if not matched.get(page_id, -1) >> g & 1]
         for page_id in ids
-        if page_id in matched and len(query.groups) > 1
+        if page_id in matched and search.typed > 1
     }
     rows = conn.execute(sql("get_search_results"), search_params(search, ids)).fetchall() if ids else []
     return SearchResult(rows, total, estimated, has_next, query.ignored, missing)

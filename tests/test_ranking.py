@@ -83,6 +83,26 @@ def test_a_word_that_matches_nothing_still_shows_the_best_partial_matches(client
     assert "Missing: <s>xyzzyplugh</s>" in page
 
 
+def test_stop_words_are_not_searched_so_no_page_lacks_them(client, add_page):
+    # "harbor" is on every filler page, so its weight is low: the page with
+    # both words ranks first only because it has every word searched.
+    for n in range(6):
+        add_page(f"Filler {n}", "a harbor page")
+    add_page("Only one", "quantum quantum quantum quantum quantum")
+    add_page("Both words", "a much longer page about quantum things and their harbor, with many more words in it")
+    for q in ("quantum harbor", "the quantum of the harbor", "what is quantum in a harbor"):
+        assert titles(client, q)[:2] == ["Both words", "Only one"], q
+    page = client.get("/", {"q": "the quantum of the harbor"}).text
+    assert "Missing: <s>harbor</s>" in page  # Only one's; never a stop word
+    assert "<s>the</s>" not in page and "<s>of</s>" not in page
+
+
+def test_a_snippet_starts_at_the_first_word_searched_not_at_a_stop_word(client, add_page):
+    add_page("Stripes", "At the start. " + "Filler words go on here. " * 30 + "A zebra with stripes.")
+    api = client.get("/api/search", {"q": "the zebra"}).json["data"][0]
+    assert "zebra" in api["snippet"]
+
+
 def test_a_long_question_returns_results_and_over_the_limit_says_so(client, add_page):
     add_page("Retrieval", "information retrieval of articles from titles")
     question = "What problems are there in retrieving articles from approximate titles? " * 2
@@ -212,7 +232,7 @@ def import_pages(app, path, pages):
 def random_queries(rng):
     queries = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) + " " for _ in range(40)]
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(10, 39)} " for _ in range(10)]
-    queries += ['"w0 w1" w2 ', "w0 -w1 ", "w3 or w30 w5 ", "w1", "w2", "w0 w1 w2 w3 w4 w5 w6 w7 "]
+    queries += ['"w0 w1" w2 ', "w0 -w1 ", "w3 or w30 w5 ", "w1", "w2", "w0 w1 w2 w3 w4 w5 w6 w7 ", "the w2 of w7 "]
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(1, 3)}" for _ in range(4)]  # a prefix: w1 is w1, w10..w19
     return queries
 
