@@ -1871,64 +1871,77 @@ class Ranker:
         The pages whose place is still open are looked up in their own
         vectors (which terms they contain), then scored from them, as long as
         that costs less than budget entries read; up to SCORE_OPEN_BELOW of
-        them are scored at once, without the look-up.
+        them are scored at once, without the look-up. Then the decision is
+        made again with what they say (a loop: a phrase that few pages hold
+        may take many look-ups).
         """
-        search, all_groups = self.search, self.search.all_groups
-        scored = list(self.exact.values())
-        most = [0] * search.group_count
-        for term, bound in zip(search.terms, self.bounds):
-            if bound > 0:
-                most[term.group] = max(most[term.group], term.weight * bound)
-        unseen = all(most[: search.typed]) * TIER + sum(most)  # a page no read posting names
-        # The pages of the groups read to the end first (only): when k of
-        # them surely match every group, no other page can place (narrowed);
-        # when k may, the open ones among them are settled first (resolving).
-        # Else every page read.
-        exact_keys = [(c.matched == all_groups) * TIER + c.low for c in scored]
-        scored_full = sum(key >= TIER for key in exact_keys)
-        complete, resolving = self.complete_pages(), False
-        for only in (complete, None) if complete is not None else (None,):
-            pages, low, high, bits, full, may_all, exact = self.state(only)
-            settled = self.rejected | self.exact.keys()  # rejected, or scored from their vectors
-            if settled:
-                keep = ~numpy.isin(pages, list(settled))
-                pages, low, high, bits, full, may_all, exact = (
-                    a[keep] for a in (pages, low, high, bits, full, may_all, exact)
-                )
-            lower = numpy.concatenate([full * TIER + low, exact_keys])
-            upper = numpy.concatenate([may_all * TIER + high, exact_keys])
-            kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
-            if only is None or kth >= TIER:
-                break
-            if numpy.count_nonzero(may_all & ~exact) and numpy.count_nonzero(may_all) + scored_full >= k:
-                resolving, kth = True, TIER  # the open pages that may match every group
-                self.resolutions += 1
-                break
-        if not resolving and len(lower) < k and sum(most):
-            return None  # fewer than k known, and pages not read yet may match
-        if not resolving and len(lower) >= k and sum(most) and unseen >= kth:
-            return None  # a page not read yet might still belong in the top k
-        contending = upper[: len(pages)] >= kth
-        open_pages = pages[contending & ~exact].tolist()
-        unchecked = [page for page in open_pages if page not in self.present]
-        if len(open_pages) <= SCORE_OPEN_BELOW and len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget:
-            unchecked = []  # few: score them at once, a round trip less than a check and then a score
-        if unchecked and (self.exhaustive or len(unchecked) * ENTRIES_PER_CHECK <= budget):
-            self.check_pages(unchecked)
-            return self.decide(k, budget - len(unchecked) * ENTRIES_PER_CHECK)
-        if open_pages and (self.exhaustive or len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget):
-            self.score_pages(open_pages)
-            return self.decide(k, budget - len(open_pages) * ENTRIES_PER_RANDOM_ACCESS)
-        if open_pages or resolving:
-            return None  # cheaper to read deeper than to look the pages up one by one
-        chosen = numpy.flatnonzero(contending)
-        contenders = [
-            Candidate(int(pages[i]), int(low[i]), int(low[i]), int(bits[i]), bool(full[i]), True) for i in chosen
-        ]
-        contenders += [c for c in scored if (c.matched == all_groups) * TIER + c.low >= kth]
-        ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
-        self.narrowed = only is not None
-        return ranked[:k]
+        while True:
+            search, all_groups = self.search, self.search.all_groups
+            scored = list(self.exact.values())
+            most = [0] * search.group_count
+            for term, bound in zip(search.terms, self.bounds):
+                if bound > 0:
+                    most[term.group] = max(most[term.group], term.weight * bound)
+            unseen = all(most[: search.typed]) * TIER + sum(most)  # a page no read posting names
+            # The pages of the groups read to the end first (only): when k of
+            # them surely match every group, no other page can place (narrowed);
+            # when k may, the open ones among them are settled first (resolving).
+            # Else every page read.
+            exact_keys = [(c.matched == all_groups) * TIER + c.low for c in scored]
+            scored_full = sum(key >= TIER for key in exact_keys)
+            complete, resolving = self.complete_pages(), False
+            for only in (complete, None) if complete is not None else (None,):
+                pages, low, high, bits, full, may_all, exact = self.state(only)
+                settled = self.rejected | self.exact.keys()  # rejected, or scored from their vectors
+                if settled:
+                    keep = ~numpy.isin(pages, list(settled))
+                    pages, low, high, bits, full, may_all, exact = (
+                        a[keep] for a in (pages, low, high, bits, full, may_all, exact)
+                    )
+                lower = numpy.concatenate([full * TIER + low, exact_keys])
+                upper = numpy.concatenate([may_all * TIER + high, exact_keys])
+                kth = numpy.partition(lower, len(lower) - k)[len(lower) - k] if len(lower) >= k else -1
+                if only is None or kth >= TIER:
+                    break
+                if numpy.count_nonzero(may_all & ~exact) and numpy.count_nonzero(may_all) + scored_full >= k:
+                    resolving, kth = True, TIER  # the open pages that may match every group
+                    self.resolutions += 1
+                    break
+            if not resolving and len(lower) < k and sum(most):
+                return None  # fewer than k known, and pages not read yet may match
+            if not resolving and len(lower) >= k and sum(most) and unseen >= kth:
+                return None  # a page not read yet might still belong in the top k
+            contending = upper[: len(pages)] >= kth
+            open_pages = pages[contending & ~exact].tolist()
+            if self.filters and self.rejected and open_pages:
+                # Filters rejected pages before: look as many more up with
+                # the open ones, the next by what they may score, so that a
+                # phrase that few pages hold takes a few look-ups (round
+                # trips) rather than one for every k pages rejected.
+                after = numpy.flatnonzero(~contending & ~exact)
+                after = after[numpy.argsort(-upper[after], kind="stable")[: len(self.rejected)]]
+                open_pages += pages[after].tolist()
+            unchecked = [page for page in open_pages if page not in self.present]
+            if len(open_pages) <= SCORE_OPEN_BELOW and len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget:
+                unchecked = []  # few: score them at once, a round trip less than a check and then a score
+            if unchecked and (self.exhaustive or len(unchecked) * ENTRIES_PER_CHECK <= budget):
+                self.check_pages(unchecked)
+                budget -= len(unchecked) * ENTRIES_PER_CHECK
+                continue
+            if open_pages and (self.exhaustive or len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget):
+                self.score_pages(open_pages)
+                budget -= len(open_pages) * ENTRIES_PER_RANDOM_ACCESS
+                continue
+            if open_pages or resolving:
+                return None  # cheaper to read deeper than to look the pages up one by one
+            chosen = numpy.flatnonzero(contending)
+            contenders = [
+                Candidate(int(pages[i]), int(low[i]), int(low[i]), int(bits[i]), bool(full[i]), True) for i in chosen
+            ]
+            contenders += [c for c in scored if (c.matched == all_groups) * TIER + c.low >= kth]
+            ranked = sorted(contenders, key=lambda c: (-(c.matched == all_groups), -c.low, c.page_id))
+            self.narrowed = only is not None
+            return ranked[:k]
 
     def vector_rows(self, query, page_ids):
         """Run a vector query (check_pages, score_pages) for these pages; return the rows of

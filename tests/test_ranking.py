@@ -405,6 +405,37 @@ def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, 
         assert fast == exhaustive and deeper[:10] == exhaustive, q
 
 
+def test_a_phrase_that_few_pages_hold_takes_few_look_ups(app, db, tmp_path, monkeypatch):
+    """Both words are on 600 pages, the phrase on the 3 longest (which rank
+    last): every other page must be looked up in its vector and rejected.
+    The look-ups grow with the pages rejected, so the search takes a few
+    round trips, not one for every k pages (at k=1 it took 597 of them, each
+    a level of recursion)."""
+    pages = [
+        {
+            "title": f"Page {n}",
+            "url": f"https://example.org/phrase/{n}",
+            "language": "en",
+            "content": ("alpha beta" if n >= 597 else "beta and alpha") + "".join(f" w{i}" for i in range(n)),
+        }
+        for n in range(600)
+    ]
+    import_pages(app, tmp_path / "phrase.jsonl", pages)
+    look_ups = []
+    vector_rows = whoknows.Ranker.vector_rows
+
+    def counted(self, query, page_ids):
+        look_ups.append(len(page_ids))
+        return vector_rows(self, query, page_ids)
+
+    monkeypatch.setattr(whoknows.Ranker, "vector_rows", counted)
+    for k in (1, 10):
+        look_ups.clear()
+        fast = ranking(db, '"alpha beta"', k)
+        assert fast == ranking(db, '"alpha beta"', k, how="vectors") and len(fast) == min(k, 3)
+        assert sum(look_ups) >= 597 and len(look_ups) <= 20, (k, look_ups)
+
+
 def test_pages_not_indexed_yet_are_found_and_ranked_exactly(client, add_page, db):
     add_page("Indexed", "harbor lantern")
     add_page("Waiting", "harbor lantern lantern", index=False)
