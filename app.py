@@ -1331,9 +1331,10 @@ class ParsedQuery:
     """A query as the search sees it.
 
     groups: lists of words; a page matches a group when it has any of them
-    (`fox or dog` is one group). phrases must occur, excluded words must not.
-    prefix is the group whose last word may be unfinished. ignored counts the
-    words left out beyond MAX_QUERY_WORDS or MAX_QUERY_CHARACTERS.
+    (`fox or dog` is one group). phrases must occur, excluded words must not;
+    required lists the groups of the phrases' words, which a page therefore
+    has. prefix is the group whose last word may be unfinished. ignored
+    counts the words left out beyond MAX_QUERY_WORDS or MAX_QUERY_CHARACTERS.
     """
 
     groups: list
@@ -1342,6 +1343,7 @@ class ParsedQuery:
     prefix: int | None
     ignored: int
     text: str
+    required: list = dataclasses.field(default_factory=list)
 
 
 def parse_query(q):
@@ -1352,7 +1354,7 @@ def parse_query(q):
         kept = q[: cut if cut > 0 else MAX_QUERY_CHARACTERS]
         ignored += len(q[len(kept) :].split())
         q = kept
-    groups, phrases, excluded, words, joining = [], [], [], 0, False
+    groups, phrases, excluded, required, words, joining = [], [], [], [], 0, False
     prefix = None
     for match in re.finditer(r'"([^"]*)"?|(\S+)', q):
         phrase, word = match.group(1), match.group(2)
@@ -1364,6 +1366,7 @@ def parse_query(q):
                 continue
             if tokens:
                 phrases.append(" ".join(tokens))
+                required += range(len(groups), len(groups) + len(tokens))
                 groups += [[token] for token in tokens]
                 words += len(tokens)
             joining = False
@@ -1385,7 +1388,7 @@ def parse_query(q):
             # The last word, still being typed: no space after it, no punctuation at its end.
             if match.end() == len(q) and word[-1].isalnum() and len(word) >= SHORTEST_PREFIX:
                 prefix = len(groups) - 1
-    return ParsedQuery(groups, phrases, excluded, prefix, ignored, q.strip())
+    return ParsedQuery(groups, phrases, excluded, prefix, ignored, q.strip(), required)
 
 
 def prefix_range(text):
@@ -1460,6 +1463,7 @@ class Search:
     words: list  # per group typed: its words in the query (`fox or dog`: two)
     has_dead: bool = False
     has_queued: bool = False
+    required: list = dataclasses.field(default_factory=list)  # groups every result has (a phrase's words)
     feedback: int = 0  # groups added by expand_search, after the ones typed
 
     @property
@@ -1572,7 +1576,8 @@ def look_up(conn, query, language):
             )
         )
     words = [query.groups[group] for group in place]
-    return Search(query, language, terms, pages, average, words, has_dead, has_queued)
+    required = sorted({place[group] for group in query.required if group in place})
+    return Search(query, language, terms, pages, average, words, has_dead, has_queued, required)
 
 
 @dataclasses.dataclass
@@ -1814,8 +1819,9 @@ class Ranker:
         return self.cached("only" if only is not None else "all", compute)
 
     def state(self, only=None):
-        """Every page read from postings (or in only), with what it scores at least and at most:
-        (pages, low, high, matched groups, may match every group, exact)."""
+        """Every page read from postings (or in only) that may have every
+        required group, with what it scores at least and at most: (pages,
+        low, high, matched groups, may match every group, exact)."""
         search, count = self.search, self.search.group_count
         pages, score, matched, floor = self.read_state(only)
         n = len(pages)
@@ -1853,6 +1859,9 @@ class Ranker:
             exact &= checked
         # The bit of each typed group it matches (64 of them fill an unsigned 64-bit word).
         bits = (numpy.uint64(1) << numpy.arange(typed, dtype=numpy.uint64)) @ matched[:typed]
+        if search.required:  # a page that cannot have a phrase's word cannot have the phrase
+            possible = (matched[search.required] | (reach[search.required] > 0)).all(axis=0)
+            return tuple(a[possible] for a in (pages, low, high, bits, full, may_all, exact))
         return pages, low, high, bits, full, may_all, exact
 
     def present_matrix(self):
@@ -1883,6 +1892,8 @@ class Ranker:
                 if bound > 0:
                     most[term.group] = max(most[term.group], term.weight * bound)
             unseen = all(most[: search.typed]) * TIER + sum(most)  # a page no read posting names
+            # ... may place only if every list of a required group has more to read.
+            more = sum(most) > 0 and all(most[group] for group in search.required)
             # The pages of the groups read to the end first (only): when k of
             # them surely match every group, no other page can place (narrowed);
             # when k may, the open ones among them are settled first (resolving).
@@ -1907,9 +1918,9 @@ class Ranker:
                     resolving, kth = True, TIER  # the open pages that may match every group
                     self.resolutions += 1
                     break
-            if not resolving and len(lower) < k and sum(most):
+            if not resolving and len(lower) < k and more:
                 return None  # fewer than k known, and pages not read yet may match
-            if not resolving and len(lower) >= k and sum(most) and unseen >= kth:
+            if not resolving and len(lower) >= k and more and unseen >= kth:
                 return None  # a page not read yet might still belong in the top k
             contending = upper[: len(pages)] >= kth
             open_pages = pages[contending & ~exact].tolist()

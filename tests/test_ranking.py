@@ -233,6 +233,7 @@ def random_queries(rng):
     queries = [" ".join(rng.sample(WORDS, rng.randint(1, 4))) + " " for _ in range(40)]
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(10, 39)} " for _ in range(10)]
     queries += ['"w0 w1" w2 ', "w0 -w1 ", "w3 or w30 w5 ", "w1", "w2", "w0 w1 w2 w3 w4 w5 w6 w7 ", "the w2 of w7 "]
+    queries += ['w4 "w2 w0 w1" ', '"w1 nosuchword" w2 ', '"w5 w9" or w3 ']
     queries += [f"w{rng.randint(0, 9)} w{rng.randint(1, 3)}" for _ in range(4)]  # a prefix: w1 is w1, w10..w19
     return queries
 
@@ -434,6 +435,36 @@ def test_a_phrase_that_few_pages_hold_takes_few_look_ups(app, db, tmp_path, monk
         fast = ranking(db, '"alpha beta"', k)
         assert fast == ranking(db, '"alpha beta"', k, how="vectors") and len(fast) == min(k, 3)
         assert sum(look_ups) >= 597 and len(look_ups) <= 20, (k, look_ups)
+
+
+def test_only_pages_with_every_word_of_a_phrase_are_looked_up_for_it(app, db, tmp_path, monkeypatch):
+    """Each word of the phrase is on 200 pages of its own, all three on 20
+    (the phrase on 2 of them): only those 20 can hold the phrase, so only
+    they are looked up in their vectors, not the 600 that have some word."""
+
+    def page(n, content):
+        return {"title": f"Page {n}", "url": f"https://example.org/req/{n}", "language": "en", "content": content}
+
+    words = ["alpha", "beta", "gamma"]
+    pages = [page(n, f"{words[n % 3]} {words[n % 3]} filler") for n in range(600)]
+    pages += [page(600 + n, "gamma then beta then alpha" + " filler" * n) for n in range(18)]
+    pages += [page(700 + n, "alpha beta gamma" + " filler" * (20 + n)) for n in range(2)]
+    import_pages(app, tmp_path / "required.jsonl", pages)
+    looked_up = []
+    vector_rows = whoknows.Ranker.vector_rows
+
+    def counted(self, query, page_ids):
+        looked_up.extend(page_ids)
+        return vector_rows(self, query, page_ids)
+
+    monkeypatch.setattr(whoknows.Ranker, "vector_rows", counted)
+    for q in ('"alpha beta gamma"', 'alpha "beta gamma"', '"alpha beta" delta'):
+        looked_up.clear()
+        fast = ranking(db, q, 10)
+        assert fast == ranking(db, q, 10, how="vectors") and len(fast) == 2, q
+        assert 0 < len(set(looked_up)) <= 20, (q, len(set(looked_up)))
+    looked_up.clear()
+    assert ranking(db, '"alpha zzyzx"', 10) == [] and looked_up == []  # a word no page has: nothing to look up
 
 
 def test_pages_not_indexed_yet_are_found_and_ranked_exactly(client, add_page, db):
