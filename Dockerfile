@@ -23,9 +23,10 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 
 # `python app.py serve` (not waitress-serve): it builds the waitress server from
-# the settings (8 threads, a pool of 12 connections, 200 connections at most,
-# idle clients dropped after 30 s, bodies over 1 MiB and headers over 64 KiB
-# refused) and, on SIGTERM, lets the requests in flight finish. waitress cannot
+# the settings (WORKERS processes of 8 threads, each with a pool of 12
+# connections and 200 client connections at most, idle clients dropped after
+# 30 s, bodies over 1 MiB and headers over 64 KiB refused) and, on SIGTERM,
+# lets the requests in flight finish. waitress cannot
 # bound a slow-drip client that keeps sending: compose's nginx, in front, does
 # (nginx/nginx.conf). It applies pending migrations first (none, after compose's migrate).
 ENV HOST=0.0.0.0 PORT=8080

@@ -45,9 +45,13 @@ import os
 import re
 import secrets
 import select
+import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -61,6 +65,7 @@ import dotenv
 import jinja2
 import numpy
 import prometheus_client
+import prometheus_client.multiprocess
 import psycopg
 import psycopg.sql
 from markupsafe import Markup
@@ -213,7 +218,13 @@ class Settings:
     host: str = declare("127.0.0.1", "where `python app.py serve` listens")
     port: int = declare(8080, "its port", whole(1, 65535))
     data_dir: Path = declare(ROOT / ".data", "where the embedded PostgreSQL keeps its data", folder, "`./.data`")
-    threads: int = declare(8, "waitress worker threads", whole(1, 256))
+    workers: int = declare(
+        1,
+        "processes `python app.py serve` runs on HOST:PORT, each with THREADS threads, its own pools and result "
+        "cache (one per core the app may use; each pool may hold POOL_MAX_SIZE connections)",
+        whole(1, 64),
+    )
+    threads: int = declare(8, "waitress worker threads (per process)", whole(1, 256))
     connection_limit: int = declare(200, "open connections waitress accepts at once", whole(1, 100_000))
     channel_timeout: int = declare(30, "seconds after which waitress closes an idle connection", whole(1, 3600))
     shutdown_timeout: int = declare(20, "seconds that requests in flight get to finish after `SIGTERM`", whole(1, 600))
@@ -2478,6 +2489,15 @@ def weather_fetched_text(fetched_at):
 # Process-wide, in prometheus_client's default registry (one set of counters
 # per process, however many apps it builds). Route labels are route patterns
 # ("/static/<path:path>"), never raw paths, so label values stay bounded.
+# The workers of `serve` (WORKERS > 1) share them through files in
+# PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when
+# it is imported): a scrape of any worker shows counters and histograms summed
+# over every worker that ran, the pool gauges summed over the live ones (each
+# refreshes its own every POOL_GAUGES_SECONDS), and the database and standby
+# gauges as the last scrape set them. Process metrics (process_*, python_*)
+# are not collected in that mode.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+POOL_GAUGES_SECONDS = 5
 REQUESTS = prometheus_client.Counter(
     "whoknows_http_requests_total", "HTTP requests by route pattern, method and status.", ["route", "method", "status"]
 )
@@ -2494,23 +2514,38 @@ ZERO_RESULT_SEARCHES = prometheus_client.Counter(
 REGISTRATIONS = prometheus_client.Counter("whoknows_registrations_total", "Accounts created.")
 LOGINS = prometheus_client.Counter("whoknows_logins_total", "Successful logins.")
 FAILED_LOGINS = prometheus_client.Counter("whoknows_failed_logins_total", "Failed logins (including refused ones).")
-POOL_SIZE = prometheus_client.Gauge("whoknows_db_pool_size", "Connections the pool holds, by pool.", ["pool"])
+POOL_SIZE = prometheus_client.Gauge(
+    "whoknows_db_pool_size", "Connections the pool holds, by pool.", ["pool"], multiprocess_mode="livesum"
+)
 POOL_IN_USE = prometheus_client.Gauge(
-    "whoknows_db_pool_connections_in_use", "Pool connections lent out, by pool.", ["pool"]
+    "whoknows_db_pool_connections_in_use", "Pool connections lent out, by pool.", ["pool"], multiprocess_mode="livesum"
 )
 POOL_WAITING = prometheus_client.Gauge(
-    "whoknows_db_pool_requests_waiting", "Requests waiting for a connection, by pool.", ["pool"]
+    "whoknows_db_pool_requests_waiting",
+    "Requests waiting for a connection, by pool.",
+    ["pool"],
+    multiprocess_mode="livesum",
 )
-DATABASE_UP = prometheus_client.Gauge("whoknows_database_up", "1 if the primary answered the last scrape, else 0.")
-REPLICA_UP = prometheus_client.Gauge("whoknows_replica_up", "1 if the standby answered the last scrape, else 0.")
+DATABASE_UP = prometheus_client.Gauge(
+    "whoknows_database_up", "1 if the primary answered the last scrape, else 0.", multiprocess_mode="livemostrecent"
+)
+REPLICA_UP = prometheus_client.Gauge(
+    "whoknows_replica_up", "1 if the standby answered the last scrape, else 0.", multiprocess_mode="livemostrecent"
+)
 REPLICA_LAG = prometheus_client.Gauge(
-    "whoknows_replica_lag_seconds", "How far the standby's replay is behind (0 when it has replayed all it received)."
+    "whoknows_replica_lag_seconds",
+    "How far the standby's replay is behind (0 when it has replayed all it received).",
+    multiprocess_mode="livemostrecent",
 )
 REPLICA_LAG_BYTES = prometheus_client.Gauge(
-    "whoknows_replica_lag_bytes", "WAL the standby has received but not yet replayed."
+    "whoknows_replica_lag_bytes",
+    "WAL the standby has received but not yet replayed.",
+    multiprocess_mode="livemostrecent",
 )
 REPLICA_FALLBACK = prometheus_client.Gauge(
-    "whoknows_replica_fallback", "1 while searches read from the primary because the standby failed, else 0."
+    "whoknows_replica_fallback",
+    "1 while searches read from the primary because the standby failed, else 0.",
+    multiprocess_mode="livemax",
 )
 
 
@@ -2533,13 +2568,27 @@ def pool_stats(pool):
     return {"size": size, "in_use": size - stats.get("pool_available", 0), "waiting": stats.get("requests_waiting", 0)}
 
 
-def observe_pool(db):
-    """Update the pool, database and standby gauges (at each scrape)."""
+def observe_pools(db):
+    """Update this process's pool gauges and whether it reads from the primary for a failed standby."""
     for name, pool in db.pools().items():
         stats = pool_stats(pool)
         POOL_SIZE.labels(name).set(stats["size"])
         POOL_IN_USE.labels(name).set(stats["in_use"])
         POOL_WAITING.labels(name).set(stats["waiting"])
+    if db.read_pool() is not None:
+        REPLICA_FALLBACK.set(int(not db.standby.up))
+
+
+def observe_pools_every(db, seconds):
+    """In a worker of several: keep its pool gauges current for the scrapes other workers answer."""
+    while True:
+        time.sleep(seconds)
+        observe_pools(db)
+
+
+def observe_pool(db):
+    """Update the pool, database and standby gauges (at each scrape)."""
+    observe_pools(db)
     try:
         with db.connection(timeout=1) as conn:
             conn.execute(sql("ping_database"))
@@ -2551,7 +2600,6 @@ def observe_pool(db):
         REPLICA_UP.set(int(replica["up"]))
         REPLICA_LAG.set(replica["lag_seconds"] if replica["up"] else math.nan)
         REPLICA_LAG_BYTES.set(replica["lag_bytes"] if replica["up"] else math.nan)
-        REPLICA_FALLBACK.set(int(not db.standby.up))
 
 
 # Pages ########################################################################
@@ -2843,6 +2891,10 @@ def metrics():
         return error_page(403, "Metrics are not available to this client.")
     observe_pool(current_app().db)
     bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+    if MULTIPROCESS:  # every worker's metrics, from their files
+        registry = prometheus_client.CollectorRegistry()
+        prometheus_client.multiprocess.MultiProcessCollector(registry)
+        return prometheus_client.generate_latest(registry)
     return prometheus_client.generate_latest()
 
 
@@ -3408,6 +3460,12 @@ MAX_HEADER_BYTES = 65_536
 SERVER_IDENT = "whoknows"  # the Server header, and the signature on waitress's own error pages
 
 
+def say(line):
+    """Write one line on stdout in one write, so that the lines of workers sharing it never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def cleanup_interval(channel_timeout):
     """Return how often (seconds) waitress looks for connections idle past channel_timeout."""
     return max(1, min(10, channel_timeout // 3))
@@ -3469,10 +3527,11 @@ class Server:
     waitress has no graceful stop of its own. This one uses what create_server
     offers: the socket map it is given (ours), the listeners and triggers in
     it, and the flag waitress's own idle timeout uses to close a connection
-    once its output is sent.
+    once its output is sent. Given sockets (a worker of Workers), it accepts
+    on them instead of binding HOST:PORT itself.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, sockets=None):
         import waitress
         import waitress.server
 
@@ -3480,26 +3539,28 @@ class Server:
         self.app = app
         self.in_flight = InFlight(app)
         self.connections = {}  # waitress's socket map
-        self.server = waitress.create_server(
-            self.in_flight,
-            map=self.connections,
-            host=settings.host,
-            port=settings.port,
-            threads=settings.threads,
-            connection_limit=settings.connection_limit,
-            # Idle connections close after channel_timeout, checked every
-            # cleanup_interval. waitress cannot bound a client that keeps
-            # trickling bytes: nginx in front does (nginx/nginx.conf).
-            channel_timeout=settings.channel_timeout,
-            cleanup_interval=cleanup_interval(settings.channel_timeout),
-            max_request_body_size=MAX_BODY_BYTES,
-            max_request_header_size=MAX_HEADER_BYTES,
-            # resolve_client() decides whose X-Forwarded-* to believe (from
-            # TRUSTED_PROXIES, networks); waitress can only trust one address.
-            clear_untrusted_proxy_headers=False,
-            asyncore_use_poll=True,  # select() fails beyond 1,024 open sockets
-            ident=SERVER_IDENT,
-        )
+        try:
+            self.server = waitress.create_server(
+                self.in_flight,
+                map=self.connections,
+                **({"sockets": sockets} if sockets else {"host": settings.host, "port": settings.port}),
+                threads=settings.threads,
+                connection_limit=settings.connection_limit,
+                # Idle connections close after channel_timeout, checked every
+                # cleanup_interval. waitress cannot bound a client that keeps
+                # trickling bytes: nginx in front does (nginx/nginx.conf).
+                channel_timeout=settings.channel_timeout,
+                cleanup_interval=cleanup_interval(settings.channel_timeout),
+                max_request_body_size=MAX_BODY_BYTES,
+                max_request_header_size=MAX_HEADER_BYTES,
+                # resolve_client() decides whose X-Forwarded-* to believe (from
+                # TRUSTED_PROXIES, networks); waitress can only trust one address.
+                clear_untrusted_proxy_headers=False,
+                asyncore_use_poll=True,  # select() fails beyond 1,024 open sockets
+                ident=SERVER_IDENT,
+            )
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
         self.listeners = [d for d in self.connections.values() if isinstance(d, waitress.server.BaseWSGIServer)]
         self.trigger = self.listeners[0].trigger
         self.stopping = threading.Event()
@@ -3530,12 +3591,12 @@ class Server:
         # Sockets are closed by thunks that waitress's loop runs between polls:
         # closing one under a running poll() breaks it.
         self.trigger.pull_trigger(self.stop_listening)
-        print("whoknows: SIGTERM: no longer accepting connections; finishing requests in flight", flush=True)
+        say("whoknows: SIGTERM: no longer accepting connections; finishing requests in flight")
         timeout = self.app.settings.shutdown_timeout
         finished = self.in_flight.wait_idle(timeout)
         self.app.shut_down()
         outcome = "requests finished" if finished else f"gave up on requests in flight after {timeout} s"
-        print(f"whoknows: {outcome}; database pool closed; exiting", flush=True)
+        say(f"whoknows: {outcome}; database pool closed; exiting")
         self.trigger.pull_trigger(self.close_when_flushed)
         deadline = time.monotonic() + 5
         while any(isinstance(d, HTTPChannel) for d in list(self.connections.values())):
@@ -3557,6 +3618,149 @@ class Server:
         for channel in list(self.connections.values()):
             if isinstance(channel, HTTPChannel):
                 channel.close_when_flushed = True
+
+
+# Set in a worker's environment by Workers, never by hand: the listening
+# sockets it inherits (file descriptors, comma-separated), and its supervisor.
+LISTEN_FDS, SUPERVISOR_PID = "WHOKNOWS_LISTEN_FDS", "WHOKNOWS_SUPERVISOR_PID"
+# A worker that exits with an error sooner than this after it started failed
+# to start: what fails one (a setting, the code) fails every worker alike, so
+# the supervisor stops rather than start them again and again. One killed by
+# a signal (the OOM killer, an operator) is replaced whenever it dies.
+WORKER_START_SECONDS = 10
+
+
+def listening_sockets(host, port):
+    """Return sockets bound to HOST:PORT and listening, as waitress binds
+    them (every address the host resolves to), for workers to inherit."""
+    from waitress.adjustments import Adjustments
+
+    adjustments = Adjustments(host=host, port=port)
+    sockets = []
+    try:
+        for family, kind, proto, address in adjustments.listen:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(adjustments.backlog)
+            sock.set_inheritable(True)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
+class Workers:
+    """`python app.py serve` with WORKERS > 1: this process migrates, binds
+    HOST:PORT, and keeps WORKERS workers accepting on the same sockets, each
+    `python app.py serve` again (a waitress server with THREADS threads, its
+    own pools and result cache) that inherits them. It serves nothing itself:
+    one Python process is one core at most, so more cores need more
+    processes (bench/README.md: "Workers").
+
+    A worker that dies is replaced; one that dies while starting stops them
+    all. SIGTERM (or SIGINT): the sockets close here, every worker finishes
+    its requests in flight and exits, then this process. A worker whose
+    supervisor is gone stops by itself. The workers share their metrics
+    through files (MULTIPROCESS), so a scrape of any of them shows them all.
+    """
+
+    def __init__(self, settings, url):
+        self.settings = settings
+        self.sockets = listening_sockets(settings.host, settings.port)
+        self.metrics_dir = tempfile.mkdtemp(prefix="whoknows-metrics-")
+        self.environment = {
+            **os.environ,
+            # The database as this process resolved it (the embedded server
+            # runs here), and the key it signs with, so every worker agrees.
+            "DATABASE_URL": url,
+            "SECRET_KEY": bytes(SecretKey(settings)).decode(),
+            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            LISTEN_FDS: ",".join(str(sock.fileno()) for sock in self.sockets),
+            SUPERVISOR_PID: str(os.getpid()),
+        }
+        self.workers = {}  # Popen -> when it started
+        self.stopping = False
+        self.failed = None
+
+    @property
+    def port(self):
+        """The port it listens on (the real one when PORT is 0)."""
+        return self.sockets[0].getsockname()[1]
+
+    def start_worker(self):
+        fds = [sock.fileno() for sock in self.sockets]
+        command = [sys.executable, str(ROOT / "app.py"), "serve"]
+        worker = subprocess.Popen(command, cwd=ROOT, env=self.environment, pass_fds=fds)  # noqa: S603  # nosec B603
+        self.workers[worker] = time.monotonic()
+
+    def stop(self, *_):
+        """Begin the stop (a signal handler): no new connections, and SIGTERM to every worker."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for sock in self.sockets:
+            sock.close()
+        for worker in self.workers:
+            worker.send_signal(signal.SIGTERM)
+
+    def run(self):
+        """Serve until stopped; return the exit status."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        try:
+            for _ in range(self.settings.workers):
+                self.start_worker()
+            host = self.settings.host
+            print(f"Serving ¿Who Knows? on http://{host}:{self.port} with {len(self.workers)} workers", flush=True)
+            deadline = None
+            while self.workers:
+                time.sleep(0.2)
+                if self.stopping and deadline is None:
+                    deadline = time.monotonic() + self.settings.shutdown_timeout + 10
+                if deadline is not None and time.monotonic() > deadline:
+                    for worker in self.workers:
+                        worker.kill()  # each had SHUTDOWN_TIMEOUT to finish, and time to close
+                for worker, started in list(self.workers.items()):
+                    if worker.poll() is not None:
+                        self.exited(worker, started)
+        finally:
+            self.stop()
+            for worker in self.workers:
+                worker.wait()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        if self.failed:
+            print(f"whoknows: error: {self.failed}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+    def exited(self, worker, started):
+        """A worker ended: forget it, and replace it unless stopping (or stop if it never started)."""
+        del self.workers[worker]
+        prometheus_client.multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        if self.stopping:
+            return
+        if worker.returncode > 0 and time.monotonic() - started < WORKER_START_SECONDS:
+            self.failed = f"a worker exited while starting (status {worker.returncode}); see its output above"
+            self.stop()
+            return
+        say(f"whoknows: worker {worker.pid} exited (status {worker.returncode}); starting another")
+        self.start_worker()
+
+
+def stop_when_orphaned(server, supervisor):
+    """Stop the server (gracefully) once its supervisor, the process that
+    started it, is gone: a killed supervisor must not leave workers behind."""
+    while not server.stopping.is_set():
+        if os.getppid() != supervisor:
+            say("whoknows: the supervisor is gone; stopping")
+            server.stop()
+            return
+        time.sleep(1)
 
 
 # Command line #################################################################
@@ -3601,7 +3805,18 @@ def index_waiting(database):
 
 
 def command_serve(settings, args):
-    """Migrate, load samples on the embedded default, and serve with waitress."""
+    """Migrate, load samples on the embedded default, and serve with waitress:
+    in this process, or in WORKERS worker processes (Workers). A worker
+    serves on the sockets it inherits."""
+    if os.environ.get(LISTEN_FDS):
+        return serve_worker(settings)
+    if settings.workers > 1:
+        settings.require_secret_key()
+        with command_database(settings, migrate=True) as (database, url):
+            if database.embedded and load_sample_pages(database):
+                print(f"Loaded the sample pages from {SAMPLE_PAGES.relative_to(ROOT)}", flush=True)
+            database.close()  # the workers have their own pools; the embedded server runs on here
+            return Workers(settings, url).run()
     app = make_app(settings)
     try:
         prepare_database(app.db, migrate=True)
@@ -3609,6 +3824,25 @@ def command_serve(settings, args):
             print(f"Loaded the sample pages from {SAMPLE_PAGES.relative_to(ROOT)}", flush=True)
         server = Server(app)
         print(f"Serving ¿Who Knows? on http://{settings.host}:{server.port}", flush=True)
+        server.run()
+    finally:
+        app.shut_down()
+    return 0
+
+
+def serve_worker(settings):
+    """Serve as a worker of Workers, on the sockets it inherits, until SIGTERM
+    or until the supervisor is gone (Ctrl-C reaches the supervisor, which
+    stops its workers gracefully)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sockets = [socket.socket(fileno=int(fd)) for fd in os.environ[LISTEN_FDS].split(",")]
+    app = make_app(settings)
+    try:
+        server = Server(app, sockets)
+        supervisor = int(os.environ[SUPERVISOR_PID])
+        threading.Thread(target=stop_when_orphaned, args=(server, supervisor), name="orphaned", daemon=True).start()
+        if MULTIPROCESS:
+            threading.Thread(target=observe_pools_every, args=(app.db, POOL_GAUGES_SECONDS), daemon=True).start()
         server.run()
     finally:
         app.shut_down()
