@@ -6,7 +6,8 @@
 2. loads them with `python app.py import` into a fresh database on a private
    PostgreSQL 18 (the embedded server, with database/postgresql.conf), or on
    BENCH_DATABASE_URL if set;
-3. serves the app with the Dockerfile's command (python app.py serve);
+3. serves the app with the Dockerfile's command (python app.py serve), with
+   WORKERS (--workers, default one per core) worker processes;
 4. drives /api/search and / with wrk at each connection count, and measures
    the references in the same run: the trivial route /about (the HTTP limit)
    and the naive full-text query (rank every match with ts_rank_cd, take 10,
@@ -42,6 +43,8 @@ import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -237,8 +240,16 @@ def serve(url, port, **extra_env):
     raise SystemExit("bench: the app did not become healthy")
 
 
+def server_pids(pid):
+    """Return the server's process id and its workers' (WORKERS > 1), or [] when it is gone."""
+    try:
+        return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 class RssSampler(threading.Thread):
-    """Samples a process's resident memory every half second."""
+    """Samples the resident memory of a server, its workers included (summed), every half second."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
@@ -247,10 +258,12 @@ class RssSampler(threading.Thread):
     def run(self):
         while self.running:
             try:
-                text = Path(f"/proc/{self.pid}/status").read_text()
-                self.samples.append(int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024)
+                texts = [Path(f"/proc/{pid}/status").read_text() for pid in server_pids(self.pid)]
+                kilobytes = [int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) for text in texts]
             except (OSError, AttributeError):
                 return
+            if kilobytes:
+                self.samples.append(sum(kilobytes) / 1024)
             time.sleep(0.5)
 
 
@@ -493,6 +506,11 @@ def process_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu(pid):
+    """Return {pid: CPU seconds} of the server process and its workers."""
+    return {p: cpu for p in server_pids(pid) if (cpu := process_cpu(p)) is not None}
+
+
 def backend_cpu(url):
     """Return {pid: CPU seconds} of the app's connections to the bench
     database, or None when the database runs on another machine (its
@@ -522,14 +540,14 @@ def load_run(url, port, paths, conns, duration, samplers, accept="*/*", **env):
     """One wrk run against a server started for it, so that every run begins
     with an empty result cache and none is served from an earlier one's; the
     server's RSS sampler is added to samplers. The figures include the CPU
-    per request of the app process and of its database connections."""
+    per request of the app's processes and of their database connections."""
     server = serve(url, port, **env)
     samplers.append(RssSampler(server.pid))
     samplers[-1].start()
     try:
-        app_before, db_before = process_cpu(server.pid), backend_cpu(url)
+        app_before, db_before = server_cpu(server.pid), backend_cpu(url)
         figures = wrk(port, paths, conns, duration, accept=accept)
-        app_after, db_after = process_cpu(server.pid), backend_cpu(url)
+        app_after, db_after = server_cpu(server.pid), backend_cpu(url)
         figures["app_cpu"] = cpu_per_request(app_before, app_after, figures["requests"])
         figures["db_cpu"] = cpu_per_request(db_before, db_after, figures["requests"])
         return figures
@@ -574,11 +592,18 @@ def main():
         help="only measure the search log: /api/search with SEARCH_LOG=false and true, alternating, ROUNDS times",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="the app's WORKERS (default: one per core of this machine, as production is advised)",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="on BENCH_DATABASE_URL, search an earlier run's database if it holds the corpus (no import)",
     )
     args = parser.parse_args()
+    os.environ["WORKERS"] = str(args.workers)  # every server the bench starts
     for tool in ("wrk",):
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is not installed (apt-get install {tool})")
@@ -667,8 +692,9 @@ def write_report(args, mix, load, size, report, settings):
     lines = [
         f"# Search benchmark, {args.pages:,} pages ({stamp})",
         "",
-        f"Command: `make bench N={args.pages}` on {where} (duration {args.duration} s per run, "
-        f"{len(mix):,} queries in the mix, {len(set(map(tuple, mix))):,} distinct)",
+        f"Command: `make bench N={args.pages}` on {where}, the app with WORKERS={os.environ['WORKERS']} "
+        f"(duration {args.duration} s per run, {len(mix):,} queries in the mix, "
+        f"{len(set(map(tuple, mix))):,} distinct)",
         "",
         table(report["rows"]),
         "",
@@ -690,7 +716,8 @@ def write_report(args, mix, load, size, report, settings):
         f"{load['pages_per_s']:,} pages/s"
         if load
         else "- import: not measured (`--reuse`: the database of an earlier run)",
-        f"- server RSS (each load run has its own server, started with an empty result cache): "
+        f"- server RSS (each load run has its own server, started with an empty result cache; "
+        f"its {os.environ['WORKERS']} workers and the supervisor summed): "
         f"max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB",
         "",
         "| rank fidelity (top-10 overlap with the exhaustive ranking) | queries | mean | exact | worst |",

@@ -3,9 +3,12 @@ reports as the app's and the database's CPU per request."""
 
 import importlib.util
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +53,26 @@ def test_backend_cpu_finds_the_app_connections_of_the_database(database_url):
         assert app_conn.info.backend_pid in cpu
         assert other.info.backend_pid not in cpu
         assert cpu[app_conn.info.backend_pid] >= 0
+
+
+def test_a_server_with_workers_counts_them_all():
+    """WORKERS > 1: the app's CPU and RSS are its process's and its workers' together."""
+    script = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)\n"
+    worker = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 20
+        while (run.process_cpu(worker.pid) or 0) < 0.25:
+            assert time.monotonic() < deadline, "the worker did not burn its CPU"
+            time.sleep(0.1)
+        cpu = run.server_cpu(os.getpid())
+        assert set(cpu) >= {os.getpid(), worker.pid} and cpu[worker.pid] >= 0.25
+        sampler = run.RssSampler(os.getpid())
+        sampler.start()
+        time.sleep(1.2)
+        sampler.running = False
+        alone = psutil.Process().memory_info().rss / 2**20
+        together = alone + psutil.Process(worker.pid).memory_info().rss / 2**20
+        assert sampler.samples and abs(sampler.samples[-1] - together) < 0.5 * (together - alone)
+    finally:
+        worker.kill()
+        worker.wait()
