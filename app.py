@@ -40,6 +40,7 @@ import ipaddress
 import json
 import logging
 import math
+import mmap
 import operator
 import os
 import re
@@ -3620,9 +3621,10 @@ class Server:
                 channel.close_when_flushed = True
 
 
-# Set in a worker's environment by Workers, never by hand: the listening
-# sockets it inherits (file descriptors, comma-separated), and its supervisor.
-LISTEN_FDS, SUPERVISOR_PID = "WHOKNOWS_LISTEN_FDS", "WHOKNOWS_SUPERVISOR_PID"
+# Set in a worker's environment by Workers, never by hand: JSON with the
+# listening sockets it inherits (fds), its supervisor's process id, and its
+# slot in the file of the workers' open connections (Share).
+WORKER = "WHOKNOWS_WORKER"
 # A worker that exits with an error sooner than this after it started failed
 # to start: what fails one (a setting, the code) fails every worker alike, so
 # the supervisor stops rather than start them again and again. One killed by
@@ -3654,6 +3656,55 @@ def listening_sockets(host, port):
     return sockets
 
 
+class Share:
+    """The workers' counts of open connections, in a file they all map: one
+    slot each, with when the worker last wrote it. A worker accepts a
+    connection only while it has no more open than any other, so connections
+    spread evenly: the kernel hands each to whichever worker polls first,
+    and a burst of them (a proxy's or a benchmark's long-lived keep-alive
+    connections) could all go to one worker while another idles. A worker
+    whose loop has not written its slot for STALE_MS (stopped, stuck; an
+    idle loop writes every second) does not count, so it never holds the
+    others back."""
+
+    STALE_MS = 2500
+
+    def __init__(self, path):
+        with open(path, "r+b") as file:
+            self.map = mmap.mmap(file.fileno(), 0)
+        self.slots = memoryview(self.map).cast("Q")  # per worker: open connections, then when (ms)
+
+    @classmethod
+    def create(cls, path, workers):
+        Path(path).write_bytes(bytes(16 * workers))  # never written: stale
+        return cls(path)
+
+    def fair(self, slot, mine):
+        """Publish this worker's count; True when no live worker has fewer open."""
+        now = int(time.monotonic() * 1000)
+        self.slots[2 * slot], self.slots[2 * slot + 1] = mine, now
+        counts, written = self.slots[0::2], self.slots[1::2]
+        return all(mine <= count for count, when in zip(counts, written) if now - when < self.STALE_MS)
+
+    def live(self, slot):
+        """True when the worker of slot has written it lately (it is serving)."""
+        return int(time.monotonic() * 1000) - self.slots[2 * slot + 1] < self.STALE_MS
+
+    def forget(self, slot):
+        """The worker of slot is gone: it does not count until another writes it."""
+        self.slots[2 * slot + 1] = 0
+
+    def balance(self, listeners, slot):
+        """Make waitress's listeners accept only while this worker's turn is fair."""
+        for listener in listeners:
+            readable = listener.readable  # waitress's own: its upkeep, its connection limit
+
+            def fair_turn(readable=readable):
+                return readable() and self.fair(slot, sum(len(each.active_channels) for each in listeners))
+
+            listener.readable = fair_turn
+
+
 class Workers:
     """`python app.py serve` with WORKERS > 1: this process migrates, binds
     HOST:PORT, and keeps WORKERS workers accepting on the same sockets, each
@@ -3672,18 +3723,18 @@ class Workers:
     def __init__(self, settings, url):
         self.settings = settings
         self.sockets = listening_sockets(settings.host, settings.port)
-        self.metrics_dir = tempfile.mkdtemp(prefix="whoknows-metrics-")
+        self.folder = Path(tempfile.mkdtemp(prefix="whoknows-serve-"))
+        (self.folder / "metrics").mkdir()
+        self.share = Share.create(self.folder / "connections", settings.workers)
         self.environment = {
             **os.environ,
             # The database as this process resolved it (the embedded server
             # runs here), and the key it signs with, so every worker agrees.
             "DATABASE_URL": url,
             "SECRET_KEY": bytes(SecretKey(settings)).decode(),
-            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-            LISTEN_FDS: ",".join(str(sock.fileno()) for sock in self.sockets),
-            SUPERVISOR_PID: str(os.getpid()),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.folder / "metrics"),
         }
-        self.workers = {}  # Popen -> when it started
+        self.workers = {}  # Popen -> (when it started, its slot)
         self.stopping = False
         self.failed = None
 
@@ -3692,11 +3743,13 @@ class Workers:
         """The port it listens on (the real one when PORT is 0)."""
         return self.sockets[0].getsockname()[1]
 
-    def start_worker(self):
+    def start_worker(self, slot):
         fds = [sock.fileno() for sock in self.sockets]
+        protocol = {"fds": fds, "supervisor": os.getpid(), "slot": slot, "share": str(self.folder / "connections")}
+        env = {**self.environment, WORKER: json.dumps(protocol)}
         command = [sys.executable, str(ROOT / "app.py"), "serve"]
-        worker = subprocess.Popen(command, cwd=ROOT, env=self.environment, pass_fds=fds)  # noqa: S603  # nosec B603
-        self.workers[worker] = time.monotonic()
+        worker = subprocess.Popen(command, cwd=ROOT, env=env, pass_fds=fds)  # noqa: S603  # nosec B603
+        self.workers[worker] = (time.monotonic(), slot)
 
     def stop(self, *_):
         """Begin the stop (a signal handler): no new connections, and SIGTERM to every worker."""
@@ -3713,35 +3766,37 @@ class Workers:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         try:
-            for _ in range(self.settings.workers):
-                self.start_worker()
-            host = self.settings.host
-            print(f"Serving ¿Who Knows? on http://{host}:{self.port} with {len(self.workers)} workers", flush=True)
-            deadline = None
+            for slot in range(self.settings.workers):
+                self.start_worker(slot)
+            announced, deadline = False, None
             while self.workers:
                 time.sleep(0.2)
+                if not announced and all(self.share.live(slot) for _, slot in self.workers.values()):
+                    announced, where = True, f"http://{self.settings.host}:{self.port}"  # every worker accepts
+                    say(f"Serving ¿Who Knows? on {where} with {len(self.workers)} workers")
                 if self.stopping and deadline is None:
                     deadline = time.monotonic() + self.settings.shutdown_timeout + 10
                 if deadline is not None and time.monotonic() > deadline:
                     for worker in self.workers:
                         worker.kill()  # each had SHUTDOWN_TIMEOUT to finish, and time to close
-                for worker, started in list(self.workers.items()):
+                for worker in list(self.workers):
                     if worker.poll() is not None:
-                        self.exited(worker, started)
+                        self.exited(worker)
         finally:
             self.stop()
             for worker in self.workers:
                 worker.wait()
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
         if self.failed:
             print(f"whoknows: error: {self.failed}", file=sys.stderr, flush=True)
             return 1
         return 0
 
-    def exited(self, worker, started):
+    def exited(self, worker):
         """A worker ended: forget it, and replace it unless stopping (or stop if it never started)."""
-        del self.workers[worker]
-        prometheus_client.multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        started, slot = self.workers.pop(worker)
+        self.share.forget(slot)
+        prometheus_client.multiprocess.mark_process_dead(worker.pid, str(self.folder / "metrics"))
         if self.stopping:
             return
         if worker.returncode > 0 and time.monotonic() - started < WORKER_START_SECONDS:
@@ -3749,7 +3804,7 @@ class Workers:
             self.stop()
             return
         say(f"whoknows: worker {worker.pid} exited (status {worker.returncode}); starting another")
-        self.start_worker()
+        self.start_worker(slot)
 
 
 def stop_when_orphaned(server, supervisor):
@@ -3808,8 +3863,8 @@ def command_serve(settings, args):
     """Migrate, load samples on the embedded default, and serve with waitress:
     in this process, or in WORKERS worker processes (Workers). A worker
     serves on the sockets it inherits."""
-    if os.environ.get(LISTEN_FDS):
-        return serve_worker(settings)
+    if os.environ.get(WORKER):
+        return serve_worker(settings, json.loads(os.environ[WORKER]))
     if settings.workers > 1:
         settings.require_secret_key()
         with command_database(settings, migrate=True) as (database, url):
@@ -3830,16 +3885,17 @@ def command_serve(settings, args):
     return 0
 
 
-def serve_worker(settings):
+def serve_worker(settings, protocol):
     """Serve as a worker of Workers, on the sockets it inherits, until SIGTERM
     or until the supervisor is gone (Ctrl-C reaches the supervisor, which
     stops its workers gracefully)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sockets = [socket.socket(fileno=int(fd)) for fd in os.environ[LISTEN_FDS].split(",")]
+    sockets = [socket.socket(fileno=fd) for fd in protocol["fds"]]
     app = make_app(settings)
     try:
         server = Server(app, sockets)
-        supervisor = int(os.environ[SUPERVISOR_PID])
+        Share(protocol["share"]).balance(server.listeners, protocol["slot"])
+        supervisor = protocol["supervisor"]
         threading.Thread(target=stop_when_orphaned, args=(server, supervisor), name="orphaned", daemon=True).start()
         if MULTIPROCESS:
             threading.Thread(target=observe_pools_every, args=(app.db, POOL_GAUGES_SECONDS), daemon=True).start()

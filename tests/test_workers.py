@@ -70,17 +70,30 @@ class Served:
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self):
+        return "".join(self.lines)
 
     def wait_until_healthy(self):
-        def healthy():
-            assert self.process.poll() is None, self.process.stdout.read()
-            try:
-                return get(f"{self.base}/healthz", timeout=2)[0] == 200 and len(workers_of(self.process)) == 2
-            except OSError:
-                return False
+        """Wait for the line that says every worker accepts, then for /healthz."""
 
-        wait_for(healthy, 30, "the workers did not become healthy")
+        def serving():
+            assert self.process.poll() is None, self.output
+            return "with 2 workers" in self.output
+
+        wait_for(serving, 30, "the workers did not start")
+        assert len(workers_of(self.process)) == 2 and get(f"{self.base}/healthz")[0] == 200
         return self
+
+    def wait(self, seconds=30):
+        """Wait for the server to exit; return its whole output (its workers' included)."""
+        self.process.wait(seconds)
+        self.reader.join(10)  # the output ends once every worker is gone too
+        return self.output
 
     def stop(self):
         if self.process.poll() is None:
@@ -88,7 +101,8 @@ class Served:
         self.process.wait(10)
         for worker in psutil.process_iter(["environ"]):
             try:  # never leave a worker of this server behind, whatever a test did
-                if (worker.info["environ"] or {}).get(whoknows.SUPERVISOR_PID) == str(self.process.pid):
+                protocol = (worker.info["environ"] or {}).get(whoknows.WORKER)
+                if protocol and json.loads(protocol)["supervisor"] == self.process.pid:
                     worker.kill()
             except psutil.Error:
                 pass
@@ -144,6 +158,45 @@ def test_workers_share_the_port_and_their_metrics(served):
     wait_for(lambda: scrape(server.base)[pool] >= 2 * 2, 15, "the pool gauges did not add up")  # min_size 2 each
 
 
+def open_connections(process, port):
+    """How many client connections to port each of the server's workers holds."""
+    return [
+        sum(1 for c in worker.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+        for worker in workers_of(process)
+    ]
+
+
+def test_connections_spread_evenly_over_the_workers(served):
+    """With one worker stopped (so long that it no longer counts), the other
+    takes 6 keep-alive connections; once both run, the next 6 all go to the
+    one with fewer. The kernel alone would hand each to whichever worker
+    polls first."""
+    server = served().wait_until_healthy()
+    first, second = workers_of(server.process)
+    kept = []
+
+    def connect():
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() and connection.sock is not None  # accepted, and kept open
+        kept.append(connection)
+
+    second.suspend()
+    try:
+        time.sleep(whoknows.Share.STALE_MS / 1000 + 0.5)  # a stopped worker does not hold the other back
+        for _ in range(6):
+            connect()
+    finally:
+        second.resume()
+    assert sorted(open_connections(server.process, server.port)) == [0, 6]
+    time.sleep(1.5)  # its loop wakes up at least every second, and says it has none
+    for _ in range(6):
+        connect()
+    assert open_connections(server.process, server.port) == [6, 6]
+    for connection in kept:
+        connection.close()
+
+
 def test_a_dead_worker_is_replaced_and_the_other_serves_meanwhile(served):
     server = served().wait_until_healthy()
     victim, survivor = workers_of(server.process)
@@ -153,7 +206,7 @@ def test_a_dead_worker_is_replaced_and_the_other_serves_meanwhile(served):
     assert victim.pid not in [w.pid for w in workers_of(server.process)] and alive(survivor)
     wait_for(lambda: get(f"{server.base}/healthz")[0] == 200)
     server.process.send_signal(signal.SIGTERM)
-    output, _ = server.process.communicate(timeout=30)
+    output = server.wait()
     assert f"worker {victim.pid} exited (status -9); starting another" in output
     assert server.process.returncode == 0
 
@@ -194,7 +247,7 @@ def test_sigterm_stops_every_worker_after_the_requests_in_flight(served):
     locker.close()
     thread.join(20)
     assert answer["status"] == 200
-    output, _ = server.process.communicate(timeout=30)
+    output = server.wait()
     assert server.process.returncode == 0, output
     assert output.count("requests finished; database pool closed; exiting") == 2, output
     assert not any(alive(worker) for worker in workers)
@@ -213,11 +266,9 @@ def test_workers_stop_when_their_supervisor_is_killed(served):
 
 def test_a_worker_that_cannot_start_stops_the_server_with_one_line(served, tmp_path):
     # Python imports sitecustomize at start-up: this one fails the workers only.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os\nif os.environ.get('WHOKNOWS_LISTEN_FDS'):\n    os._exit(3)\n"
-    )
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('WHOKNOWS_WORKER'):\n    os._exit(3)\n")
     server = served(PYTHONPATH=str(tmp_path))
-    output, _ = server.process.communicate(timeout=60)
+    output = server.wait(60)
     assert server.process.returncode == 1
     assert "whoknows: error: a worker exited while starting (status 3); see its output above" in output
     assert "Traceback" not in output
@@ -230,6 +281,6 @@ def test_a_port_in_use_is_one_clear_line(served, workers):
         taken.listen()
         port = taken.getsockname()[1]
         server = served(WORKERS=workers, PORT=str(port))
-        output, _ = server.process.communicate(timeout=60)
+        output = server.wait(60)
     assert server.process.returncode == 2 and "Traceback" not in output, output
     assert f"whoknows: error: cannot listen on 127.0.0.1:{port}: Address already in use" in output
