@@ -249,7 +249,10 @@ def server_pids(pid):
 
 
 class RssSampler(threading.Thread):
-    """Samples the resident memory of a server, its workers included (summed), every half second."""
+    """Samples the memory of a server and its workers (WORKERS > 1) every half
+    second: a sample is (RSS summed, PSS summed, the largest process's RSS), in
+    MB. Summed RSS counts the pages that the processes share (the Python
+    binary, the libraries) once per process; PSS divides them between them."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
@@ -258,13 +261,19 @@ class RssSampler(threading.Thread):
     def run(self):
         while self.running:
             try:
-                texts = [Path(f"/proc/{pid}/status").read_text() for pid in server_pids(self.pid)]
-                kilobytes = [int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) for text in texts]
+                pids = server_pids(self.pid)
+                rss = [kilobytes(f"/proc/{pid}/status", "VmRSS") for pid in pids]
+                pss = [kilobytes(f"/proc/{pid}/smaps_rollup", "Pss") for pid in pids]
             except (OSError, AttributeError):
                 return
-            if kilobytes:
-                self.samples.append(sum(kilobytes) / 1024)
+            if rss:
+                self.samples.append((sum(rss) / 1024, sum(pss) / 1024, max(rss) / 1024))
             time.sleep(0.5)
+
+
+def kilobytes(path, field):
+    """Return a `field:  N kB` line's N from a /proc file."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE).group(1))
 
 
 def wrk(port, paths, connections, duration, accept="*/*"):
@@ -682,6 +691,20 @@ def measure_all(url, port, mix, kinds, connections, args):
     return {"rows": rows, "kinds": kind_rows, "mix": mix_figures, "fidelity": fidelity_rows, "rss": rss}
 
 
+def server_memory(samples, workers):
+    """The report's line on the server's memory, from RssSampler's samples."""
+    line = "- server memory (each load run has its own server, started with an empty result cache"
+    if workers == 1:
+        rss = [sample[0] for sample in samples]
+        return f"{line}): RSS max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB"
+    rss, pss, largest = zip(*samples)
+    return (
+        f"{line}; its {workers} workers and the supervisor): RSS summed max {max(rss):.0f} MB, "
+        f"median {statistics.median(rss):.0f}; PSS summed (shared pages counted once) max {max(pss):.0f} MB, "
+        f"median {statistics.median(pss):.0f}; the largest process's RSS max {max(largest):.0f} MB"
+    )
+
+
 def write_report(args, mix, load, size, report, settings):
     """Print the report and write it to bench/results/."""
     kind_rows, rss = report["kinds"], report["rss"]
@@ -716,9 +739,7 @@ def write_report(args, mix, load, size, report, settings):
         f"{load['pages_per_s']:,} pages/s"
         if load
         else "- import: not measured (`--reuse`: the database of an earlier run)",
-        f"- server RSS (each load run has its own server, started with an empty result cache; "
-        f"its {os.environ['WORKERS']} workers and the supervisor summed): "
-        f"max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB",
+        server_memory(rss, int(os.environ["WORKERS"])),
         "",
         "| rank fidelity (top-10 overlap with the exhaustive ranking) | queries | mean | exact | worst |",
         "|---|---|---|---|---|",

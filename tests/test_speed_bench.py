@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import psycopg
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 had_secret = "SECRET_KEY" in os.environ
@@ -72,7 +73,11 @@ def test_a_server_with_workers_counts_them_all():
         sampler.running = False
         alone = psutil.Process().memory_info().rss / 2**20
         together = alone + psutil.Process(worker.pid).memory_info().rss / 2**20
-        assert sampler.samples and abs(sampler.samples[-1] - together) < 0.5 * (together - alone)
+        assert sampler.samples
+        rss, pss, largest = sampler.samples[-1]
+        assert abs(rss - together) < 0.5 * (together - alone)
+        assert largest == pytest.approx(alone, rel=0.2)
+        assert 0 < pss <= rss
     finally:
         worker.kill()
         worker.wait()
