@@ -1462,9 +1462,7 @@ class Search:
     """A parsed query with its terms looked up in one language.
 
     Its groups are the query's groups that have a lexeme (words): a stop word
-    has none, so it is not searched and a page cannot lack it. Feedback
-    groups may follow them (expand_search): they add to a page's score, not
-    to the tier of pages that match every group typed (all_groups).
+    has none, so it is not searched and a page cannot lack it.
     """
 
     query: ParsedQuery
@@ -1472,23 +1470,18 @@ class Search:
     terms: list
     pages: int
     average_length: float | None
-    words: list  # per group typed: its words in the query (`fox or dog`: two)
+    words: list  # per group: its words in the query (`fox or dog`: two)
     has_dead: bool = False
     has_queued: bool = False
     required: list = dataclasses.field(default_factory=list)  # groups every result has (a phrase's words)
-    feedback: int = 0  # groups added by expand_search, after the ones typed
-
-    @property
-    def typed(self):
-        return len(self.words)
 
     @property
     def group_count(self):
-        return self.typed + self.feedback
+        return len(self.words)
 
     @property
     def all_groups(self):
-        return (1 << self.typed) - 1
+        return (1 << self.group_count) - 1
 
     @property
     def lexemes(self):
@@ -1502,7 +1495,7 @@ class Search:
             "lexemes": self.lexemes,
             "weights": IntArray(t.weight for t in self.terms),
             "groups": IntArray(t.group for t in self.terms),
-            "typed": self.typed,
+            "group_count": self.group_count,
             "phrases": TextArray(self.query.phrases),
             "excluded": TextArray(self.query.excluded),
             "average_length": self.average_length,
@@ -1514,7 +1507,7 @@ class Search:
         for index, impact in zip(terms, impacts):
             term = self.terms[index - 1]
             best[term.group] = max(best.get(term.group, 0), term.weight * impact)
-        return sum(1 << group for group in best if group < self.typed), sum(best.values())
+        return sum(1 << group for group in best), sum(best.values())
 
     def estimate_total(self):
         """Return (total, is_estimate): how many pages match any group; exact
@@ -1525,7 +1518,7 @@ class Search:
         if len(self.terms) == 1 and not self.query.phrases and not self.query.excluded:
             return self.terms[0].df, False
         missing = 1.0
-        for group in range(self.typed):
+        for group in range(self.group_count):
             df = sum(t.df for t in self.terms if t.group == group)
             missing *= 1 - min(df, self.pages) / self.pages
         return round(self.pages * (1 - missing)), True
@@ -1789,7 +1782,7 @@ class Ranker:
 
         def compute():
             complete = []
-            for group in range(self.search.typed):
+            for group in range(self.search.group_count):
                 members = [i for i, term in enumerate(self.search.terms) if term.group == group]
                 if all(self.bounds[i] == 0 for i in members):
                     complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
@@ -1861,16 +1854,15 @@ class Ranker:
                 if lacks is not None:
                     may[lacks] = False
                 numpy.maximum(reach[term.group], numpy.where(may, term.weight * bound, 0), out=reach[term.group])
-        typed = search.typed  # the groups of the tier; feedback groups only add to the score
         low = lowest.sum(axis=0)
         high = numpy.maximum(score, reach).sum(axis=0)  # an entry read is above its term's bound
-        full = matched[:typed].all(axis=0)
-        may_all = (matched[:typed] | (reach[:typed] > 0)).all(axis=0)
+        full = matched.all(axis=0)
+        may_all = (matched | (reach > 0)).all(axis=0)
         exact = (high == low) & (full == may_all)
         if self.filters:  # whether a page passes the phrases and exclusions is known once it is checked
             exact &= checked
-        # The bit of each typed group it matches (64 of them fill an unsigned 64-bit word).
-        bits = (numpy.uint64(1) << numpy.arange(typed, dtype=numpy.uint64)) @ matched[:typed]
+        # The bit of each group it matches (64 of them fill an unsigned 64-bit word).
+        bits = (numpy.uint64(1) << numpy.arange(count, dtype=numpy.uint64)) @ matched
         if search.required:  # a page that cannot have a phrase's word cannot have the phrase
             possible = (matched[search.required] | (reach[search.required] > 0)).all(axis=0)
             return tuple(a[possible] for a in (pages, low, high, bits, full, may_all, exact))
@@ -1903,7 +1895,7 @@ class Ranker:
             for term, bound in zip(search.terms, self.bounds):
                 if bound > 0:
                     most[term.group] = max(most[term.group], term.weight * bound)
-            unseen = all(most[: search.typed]) * TIER + sum(most)  # a page no read posting names
+            unseen = all(most) * TIER + sum(most)  # a page no read posting names
             # ... may place only if every list of a required group has more to read.
             more = sum(most) > 0 and all(most[group] for group in search.required)
             # The pages of the groups read to the end first (only): when k of
@@ -2005,7 +1997,7 @@ def exhaustive_top(conn, search, k):
     evaluated on every page from its own vector: no index, no pruning."""
     params = {**search.params(), "limit": k}
     rows = conn.execute(sql("search_exhaustive"), params).fetchall()
-    # matched is a bigint: with 64 groups typed, the last one's bit is its sign.
+    # matched is a bigint: with 64 groups, the last one's bit is its sign.
     return [(row["page_id"], int(row["matched"]) % (1 << 64), int(row["low"])) for row in rows]
 
 
@@ -2083,7 +2075,7 @@ def run_search(conn, q, language, page):
     missing = {
         page_id: [words[0] for g, words in enumerate(search.words) if not matched.get(page_id, -1) >> g & 1]
         for page_id in ids
-        if page_id in matched and search.typed > 1
+        if page_id in matched and search.group_count > 1
     }
     rows = conn.execute(sql("get_search_results"), search_params(search, ids)).fetchall() if ids else []
     return SearchResult(rows, total, estimated, has_next, query.ignored, missing)

@@ -2,11 +2,9 @@
 -- evaluated on every page of the language from the page's own vector: no
 -- index, no pruning (python app.py search --from-vectors, and the tests,
 -- check the fast path against it). Columns and order as rank_candidates:
--- matched (the typed groups that occur: groups 0 to %(typed)s - 1; those
--- after them come from feedback and only add to the score), low (the
--- score), pages matching every typed group first, then by score, then by
--- id. Pages failing a required phrase or containing an excluded word are
--- left out.
+-- matched (the groups that occur), low (the score), pages matching every
+-- group first, then by score, then by id. Pages failing a required phrase
+-- or containing an excluded word are left out.
 WITH query AS (
     SELECT lexeme, weight, grp
     FROM unnest(%(lexemes)s::text[], %(weights)s::float8[], %(groups)s::integer[]) AS q(lexeme, weight, grp)
@@ -35,9 +33,8 @@ best AS (
     JOIN query AS q ON q.lexeme = u.lexeme
     GROUP BY k.id, q.grp
 )
-SELECT id AS page_id, sum(score) AS low,
-       coalesce(bit_or(1::bigint << grp) FILTER (WHERE grp < %(typed)s), 0) AS matched
+SELECT id AS page_id, sum(score) AS low, bit_or(1::bigint << grp) AS matched
 FROM best
 GROUP BY id
-ORDER BY count(*) FILTER (WHERE grp < %(typed)s) = %(typed)s DESC, sum(score) DESC, id
+ORDER BY count(*) = %(group_count)s DESC, sum(score) DESC, id
 LIMIT %(limit)s
