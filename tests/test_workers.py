@@ -140,6 +140,7 @@ def test_workers_share_the_port_and_their_metrics(served):
             "INSERT INTO pages (title, url, language, content) VALUES ('Shared', 'https://e.org/s', 'en', 'one')"
         )
     first, second = workers_of(server.process)
+    assert {worker.environ().get("MALLOC_ARENA_MAX") for worker in (first, second)} == {"2"}  # less memory kept
     searches = ("whoknows_http_requests_total", (("method", "GET"), ("route", "/api/search"), ("status", "200")))
     before = scrape(server.base).get(searches, 0)
     # Either worker accepts on the shared socket: with one stopped, the other answers every request.
