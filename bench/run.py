@@ -252,7 +252,8 @@ class RssSampler(threading.Thread):
     """Samples the memory of a server and its workers (WORKERS > 1) every half
     second: a sample is (RSS summed, PSS summed, the largest process's RSS), in
     MB. Summed RSS counts the pages that the processes share (the Python
-    binary, the libraries) once per process; PSS divides them between them."""
+    binary, the libraries) in every process that maps them; PSS divides
+    them between those processes."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
