@@ -3662,6 +3662,7 @@ class Share:
     STALE_MS = 2500
 
     def __init__(self, path):
+        self.path = str(path)
         with open(path, "r+b") as file:
             self.map = mmap.mmap(file.fileno(), 0)
         self.slots = memoryview(self.map).cast("Q")  # per worker: open connections, then when (ms)
@@ -3716,7 +3717,8 @@ class Workers:
         self.settings = settings
         self.sockets = listening_sockets(settings.host, settings.port)
         self.folder = Path(tempfile.mkdtemp(prefix="whoknows-serve-"))
-        (self.folder / "metrics").mkdir()
+        self.metrics = self.folder / "metrics"
+        self.metrics.mkdir()
         self.share = Share.create(self.folder / "connections", settings.workers)
         self.environment = {
             **os.environ,
@@ -3724,7 +3726,7 @@ class Workers:
             # runs here), and the key it signs with, so every worker agrees.
             "DATABASE_URL": url,
             "SECRET_KEY": bytes(SecretKey(settings)).decode(),
-            "PROMETHEUS_MULTIPROC_DIR": str(self.folder / "metrics"),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics),
             # glibc gives each thread a malloc arena of its own and keeps what
             # is freed in it: two arenas hold a worker's RSS about 15 MB lower
             # at 1M pages, at the same throughput (bench/README.md, "Workers").
@@ -3741,7 +3743,7 @@ class Workers:
 
     def start_worker(self, slot):
         fds = [sock.fileno() for sock in self.sockets]
-        protocol = {"fds": fds, "supervisor": os.getpid(), "slot": slot, "share": str(self.folder / "connections")}
+        protocol = {"fds": fds, "supervisor": os.getpid(), "slot": slot, "share": self.share.path}
         env = {**self.environment, WORKER: json.dumps(protocol)}
         command = [sys.executable, str(ROOT / "app.py"), "serve"]
         worker = subprocess.Popen(command, cwd=ROOT, env=env, pass_fds=fds)  # noqa: S603  # nosec B603
@@ -3768,7 +3770,8 @@ class Workers:
             while self.workers:
                 time.sleep(0.2)
                 if not announced and all(self.share.live(slot) for _, slot in self.workers.values()):
-                    announced, where = True, f"http://{self.settings.host}:{self.port}"  # every worker accepts
+                    announced = True  # every worker accepts
+                    where = f"http://{self.settings.host}:{self.port}"
                     say(f"Serving ¿Who Knows? on {where} with {len(self.workers)} workers")
                 if self.stopping and deadline is None:
                     deadline = time.monotonic() + self.settings.shutdown_timeout + 10
@@ -3792,7 +3795,7 @@ class Workers:
         """A worker ended: forget it, and replace it unless stopping (or stop if it never started)."""
         started, slot = self.workers.pop(worker)
         self.share.forget(slot)
-        prometheus_client.multiprocess.mark_process_dead(worker.pid, str(self.folder / "metrics"))
+        prometheus_client.multiprocess.mark_process_dead(worker.pid, str(self.metrics))
         if self.stopping:
             return
         if worker.returncode > 0 and time.monotonic() - started < WORKER_START_SECONDS:
