@@ -226,7 +226,7 @@ class Settings:
         whole(1, 64),
     )
     threads: int = declare(8, "waitress worker threads (per process)", whole(1, 256))
-    connection_limit: int = declare(200, "open connections waitress accepts at once", whole(1, 100_000))
+    connection_limit: int = declare(200, "open connections waitress accepts at once (per process)", whole(1, 100_000))
     channel_timeout: int = declare(30, "seconds after which waitress closes an idle connection", whole(1, 3600))
     shutdown_timeout: int = declare(20, "seconds that requests in flight get to finish after `SIGTERM`", whole(1, 600))
     access_log: bool = declare(True, "one line per request on stdout", boolean)
