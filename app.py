@@ -1542,6 +1542,7 @@ def look_up(conn, query, language):
             "prefix_high": high,
             "expansions": PREFIX_EXPANSIONS if prefix_word else 0,
             "depth": INITIAL_DEPTH,
+            "excluded": TextArray(query.excluded),
         },
         binary=True,
     ).fetchall()
@@ -1549,6 +1550,13 @@ def look_up(conn, query, language):
     average = rows[0]["average_length"] if rows else None
     has_dead = bool(rows and rows[0]["has_dead"])
     has_queued = bool(rows and rows[0]["has_queued"])
+    # A lexeme that `-word` excludes scores on no result (`mountain -mountain`
+    # would otherwise read all of its postings to find nothing): its group
+    # is left out, as a stop word's is. When it is a phrase's, no page can
+    # match at all.
+    if any(row["excluded"] and row["grp"] in query.required for row in rows):
+        rows = []
+    rows = [row for row in rows if not row["excluded"]]
     if average is None and pages:  # no index built yet: the exact average, as every path computes it
         average = conn.execute(sql("average_body_length"), {"language": language}).fetchone()["average"]
     # A stop word has no lexeme, so no row: its group is not searched.

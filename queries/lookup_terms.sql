@@ -7,7 +7,9 @@
 -- Each with its document frequency (df), its postings' counts by impact level
 -- (best level first), and the language's page count, the average body length that the
 -- index uses, whether any dead postings exist (has_dead), and whether any
--- page waits in the index queue (has_queued).
+-- page waits in the index queue (has_queued), and whether the lexeme is all
+-- that an excluded word of %(excluded)s makes (excluded): no page with it can
+-- be a result, so the search leaves it out instead of reading its postings.
 --
 -- With them, the first round of its postings (fetch_postings), so that a
 -- search starts with one round trip less: the levels from the best down to
@@ -41,7 +43,11 @@ shared AS (
 SELECT w.grp, w.lexeme, w.completion, coalesce(t.df, 0) AS df, t.levels, t.level_counts,
        s.pages AS corpus_pages, s.average_length,
        EXISTS (SELECT 1 FROM dead_postings) AS has_dead, EXISTS (SELECT 1 FROM index_queue) AS has_queued,
-       first.level AS first_level, first.segments, first.chunks
+       first.level AS first_level, first.segments, first.chunks,
+       w.lexeme IN (SELECT (tsvector_to_array(v))[1]
+                    FROM unnest(%(excluded)s::text[]) AS x(word),
+                         to_tsvector(%(config)s::regconfig, x.word) AS v
+                    WHERE length(v) = 1) AS excluded
 FROM shared AS w
 LEFT JOIN term_stats AS t ON t.language = %(language)s AND t.lexeme = w.lexeme
 LEFT JOIN corpus_stats AS s ON s.language = %(language)s

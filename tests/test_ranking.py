@@ -128,6 +128,20 @@ def test_phrase_exclusion_and_or_still_work_with_soft_matching(client, add_page)
     assert titles(client, "fox brown -quick") == []
 
 
+def test_a_word_the_query_also_excludes_is_not_searched(client, add_page, db):
+    """`fox -foxes` can find nothing, so the search does not read fox's
+    postings to learn that; the other words still find their pages."""
+    add_page("Fox", "the quick brown fox")
+    add_page("Dog", "a lazy brown dog")
+    search = whoknows.look_up(db, whoknows.parse_query("fox brown -foxes"), "en")
+    assert [t.lexeme for t in search.terms] == ["brown"] and search.words == [["brown"]]
+    assert titles(client, "fox brown -foxes") == ["Dog"]
+    assert titles(client, "fox -fox") == []
+    assert titles(client, '"quick brown" -quick') == []  # a phrase needs it
+    for q in ("fox brown -foxes", "fox -fox", '"quick brown" -quick', "brown -lazy"):
+        assert ranking(db, q) == ranking(db, q, how="vectors"), q
+
+
 def test_a_partial_last_word_expands_to_its_most_frequent_completions_only(client, add_page, db):
     add_page("JavaScript", "A language for the web.")
     for n in range(whoknows.PREFIX_EXPANSIONS + 4):
