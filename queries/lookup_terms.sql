@@ -9,7 +9,7 @@
 -- index uses, whether any dead postings exist (has_dead), and whether any
 -- page waits in the index queue (has_queued), and whether the lexeme is all
 -- that an excluded word of %(excluded)s makes (excluded): no page with it can
--- be a result, so the search leaves it out instead of reading its postings.
+-- be a result, so the search leaves it out, and its postings are not read.
 --
 -- With them, the first round of its postings (fetch_postings), so that a
 -- search starts with one round trip less: the levels from the best down to
@@ -37,17 +37,17 @@ WITH words AS (
     ) AS c
 ),
 shared AS (
-    SELECT w.*, CASE WHEN w.completion THEN count(*) FILTER (WHERE w.completion) OVER () ELSE 1 END AS share
+    SELECT w.*, CASE WHEN w.completion THEN count(*) FILTER (WHERE w.completion) OVER () ELSE 1 END AS share,
+           w.lexeme IN (SELECT (tsvector_to_array(v))[1]
+                        FROM unnest(%(excluded)s::text[]) AS x(word),
+                             to_tsvector(%(config)s::regconfig, x.word) AS v
+                        WHERE length(v) = 1) AS excluded
     FROM words AS w
 )
 SELECT w.grp, w.lexeme, w.completion, coalesce(t.df, 0) AS df, t.levels, t.level_counts,
        s.pages AS corpus_pages, s.average_length,
        EXISTS (SELECT 1 FROM dead_postings) AS has_dead, EXISTS (SELECT 1 FROM index_queue) AS has_queued,
-       first.level AS first_level, first.segments, first.chunks,
-       w.lexeme IN (SELECT (tsvector_to_array(v))[1]
-                    FROM unnest(%(excluded)s::text[]) AS x(word),
-                         to_tsvector(%(config)s::regconfig, x.word) AS v
-                    WHERE length(v) = 1) AS excluded
+       first.level AS first_level, first.segments, first.chunks, w.excluded
 FROM shared AS w
 LEFT JOIN term_stats AS t ON t.language = %(language)s AND t.lexeme = w.lexeme
 LEFT JOIN corpus_stats AS s ON s.language = %(language)s
@@ -60,7 +60,7 @@ LEFT JOIN LATERAL (
         ORDER BY c.n
         LIMIT 1
     ), 0) AS level
-) AS plan ON t.lexeme IS NOT NULL
+) AS plan ON t.lexeme IS NOT NULL AND NOT w.excluded
 LEFT JOIN LATERAL (
     SELECT plan.level, array_agg(p.segment) AS segments, array_agg(array_send(p.entries)) AS chunks
     FROM postings AS p
