@@ -1693,10 +1693,14 @@ class Ranker:
             depth = math.inf if self.rounds > MAX_ROUNDS else depth * 4
             if depth != math.inf:
                 terms, lows = self.search.terms, self.plan(depth)
-                rest = sum(t.count_between(0, r) for t, r in zip(terms, self.read_to))
+                rest = self.unread()
                 upcoming = sum(t.count_between(low, r) for t, low, r in zip(terms, lows, self.read_to))
                 if rest <= max(READ_REST_BELOW, READ_REST_RATIO * upcoming):
                     depth = math.inf
+
+    def unread(self):
+        """Return how many entries the terms' lists hold below what is read."""
+        return sum(term.count_between(0, read_to) for term, read_to in zip(self.search.terms, self.read_to))
 
     def plan(self, depth):
         """Return, per term, the lowest level to read so that each group
@@ -1891,7 +1895,8 @@ class Ranker:
 
         The pages whose place is still open are looked up in their own
         vectors (which terms they contain), then scored from them, as long as
-        that costs less than budget entries read; up to SCORE_OPEN_BELOW of
+        that costs less than budget entries read, and more than reading the
+        short rest of the lists, which settles them all; up to SCORE_OPEN_BELOW of
         them are scored at once, without the look-up. Then the decision is
         made again with what they say (a loop: a phrase that few pages hold
         may take many look-ups).
@@ -1947,6 +1952,15 @@ class Ranker:
             unchecked = [page for page in open_pages if page not in self.present]
             if len(open_pages) <= SCORE_OPEN_BELOW and len(open_pages) * ENTRIES_PER_RANDOM_ACCESS <= budget:
                 unchecked = []  # few: score them at once, a round trip less than a check and then a score
+            if (
+                unchecked
+                and not (self.exhaustive or self.filters)
+                and 0 < self.unread() <= min(READ_REST_BELOW, len(unchecked) * ENTRIES_PER_CHECK)
+            ):
+                # Reading the rest of the lists settles every page, for less
+                # than these checks cost, which may not settle them: top()
+                # reads it whole next (bench/README.md).
+                return None
             if unchecked and (self.exhaustive or len(unchecked) * ENTRIES_PER_CHECK <= budget):
                 self.check_pages(unchecked)
                 budget -= len(unchecked) * ENTRIES_PER_CHECK

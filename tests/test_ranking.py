@@ -323,6 +323,37 @@ def test_a_search_reads_a_small_rest_at_once(db, random_corpus, monkeypatch):
     assert max(rounds) == 2
 
 
+@pytest.mark.parametrize(
+    "check_price, checks",
+    [(whoknows.ENTRIES_PER_CHECK, False), (1, True)],
+    ids=["reading-the-rest-is-cheaper", "checking-is-cheaper"],
+)
+def test_a_search_reads_a_short_rest_rather_than_check_more_pages(app, db, tmp_path, monkeypatch, check_price, checks):
+    """A common word on 600 pages, and a rarer one on 30 long pages where
+    the common word is once: the common word's best postings, read first,
+    do not name those 30, so they stay open. Reading the common word's
+    other entries settles them all, for less than checking 30 pages at the
+    default price: the search reads on and checks none. At 1 entry a page,
+    checking is the cheaper, and it checks. Both find the exhaustive top 10."""
+    monkeypatch.setattr(whoknows, "ENTRIES_PER_CHECK", check_price)
+    rng = random.Random(11)
+    pages = []
+    for n in range(600):
+        if n % 20:
+            words = ["harbor"] * rng.randint(1, 4) + rng.choices(WORDS, k=rng.randint(5, 20))
+        else:
+            words = ["harbor", "lantern"] + rng.choices(WORDS, k=80)
+        rng.shuffle(words)
+        url = f"https://example.org/rest/{n}"
+        pages.append({"title": f"Page {n}", "url": url, "language": "en", "content": " ".join(words)})
+    import_pages(app, tmp_path / "rest.jsonl", pages)
+    search = whoknows.look_up(db, whoknows.parse_query("harbor lantern "), "en")
+    ranker = whoknows.Ranker(db, search)
+    assert [c.page_id for c in ranker.top(10)] == [p for p, _, _ in whoknows.exhaustive_top(db, search, 10)]
+    assert (ranker.checks > 0) == checks, ranker.checks
+    assert ranker.rounds == (1 if checks else 2)  # the checks settle it; else a second round reads the rest
+
+
 def test_a_prefixs_completions_share_one_words_first_round(app, db, tmp_path, monkeypatch):
     """Eight completions of "pla", each on 60 pages at impacts spread over
     many levels: their first round reads about what one word's does, not
