@@ -330,7 +330,7 @@ def test_a_search_reads_a_small_rest_at_once(db, random_corpus, monkeypatch):
 )
 def test_a_search_reads_a_short_rest_rather_than_check_more_pages(app, db, tmp_path, monkeypatch, check_price, checks):
     """A common word on 600 pages, and a rarer one on 30 long pages where
-    the common word is once: the common word's best postings, read first,
+    the common word occurs once: its best postings, read first,
     do not name those 30, so they stay open. Reading the common word's
     other entries settles them all, for less than checking 30 pages at the
     default price: the search reads on and checks none. At 1 entry a page,
