@@ -244,7 +244,9 @@ class Settings:
         5, "seconds a request waits for a database connection before it gets a 503", whole(1, 300)
     )
     search_cache_seconds: int = declare(
-        60, "how long a process reuses the results of a search (0 turns the cache off)", whole(0, 86400)
+        60,
+        "how long a process reuses the results of a search, kept in at most 8 MiB (0 turns the cache off)",
+        whole(0, 86400),
     )
     search_log: bool = declare(True, "record searches in `search_log`", boolean)
     search_log_retention_days: int = declare(90, "days a search stays in `search_log`", whole(1, 3650))
@@ -2103,8 +2105,41 @@ def run_search(conn, q, language, page):
     return SearchResult(rows, total, estimated, has_next, query.ignored, missing)
 
 
+# A process's result cache: 8 MiB holds about 2,400 first pages of results
+# (3.4 KB each with its bookkeeping, the bench's 100k mix).
+SEARCH_CACHE_BYTES = 8 * 1024 * 1024
+RESULT_FIELDS = ("id", "title", "url", "language", "last_updated", "snippet")  # get_search_results' columns
+
+
+def encode_search_result(result):
+    """A SearchResult as compact JSON (UTF-8 bytes) for SearchCache."""
+    rows = [[row[field] for field in RESULT_FIELDS] for row in result.rows]
+    for row in rows:
+        row[4] = row[4] and row[4].isoformat()
+    missing = list(result.missing.items())  # JSON keys are strings; page ids stay numbers
+    fields = [rows, result.total, result.total_is_estimate, result.has_next, result.ignored, missing]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_search_result(encoded):
+    """The SearchResult that encode_search_result encoded."""
+    rows, total, estimated, has_next, ignored, missing = json.loads(encoded)
+    for row in rows:
+        row[4] = row[4] and dt.datetime.fromisoformat(row[4])
+    rows = [dict(zip(RESULT_FIELDS, row)) for row in rows]
+    return SearchResult(rows, total, estimated, has_next, ignored, dict(missing))
+
+
 class SearchCache:
-    """Recent search results, kept SEARCH_CACHE_SECONDS, at most 4,096 of them.
+    """Recent search results, kept SEARCH_CACHE_SECONDS, in at most
+    SEARCH_CACHE_BYTES of memory per process; when it is full, the result
+    used least recently goes first.
+
+    A result is kept as UTF-8 JSON, about 3 KB for ten results: as Python
+    objects (dicts, strings, datetimes) the same result held about 12 KB,
+    and a full cache of 4,096 of those about 50 MB in each worker, which the
+    server's 300 MB budget cannot spare (bench/README.md, "Result cache").
+    Encoding one costs about 30 µs, decoding it on a hit about 15 µs.
 
     Invalidation is by age: after an import, a process may show old results
     for up to SEARCH_CACHE_SECONDS (plus the standby's replication delay).
@@ -2112,31 +2147,45 @@ class SearchCache:
     may show results of different age for that long, never wrong ones.
     """
 
-    def __init__(self, seconds, size=4096):
-        self.seconds, self.size = seconds, size
-        self.entries = {}
+    ENTRY_OVERHEAD = 300  # bytes an entry costs beside its JSON: key, tuple, dict slot
+
+    def __init__(self, seconds, size_bytes=SEARCH_CACHE_BYTES):
+        self.seconds, self.size_bytes = seconds, size_bytes
+        self.entries = collections.OrderedDict()  # key -> (stored at, JSON), least recently used first
+        self.used = 0
         self.lock = threading.Lock()
 
     def get(self, key):
         with self.lock:
             entry = self.entries.get(key)
-            if entry and time.monotonic() - entry[0] < self.seconds:
-                return entry[1]
-        return None
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] >= self.seconds:
+                self.drop(key)
+                return None
+            self.entries.move_to_end(key)  # the least recently used go first
+        return decode_search_result(entry[1])
 
     def put(self, key, value):
         if self.seconds <= 0:
             return
+        encoded = encode_search_result(value)
         with self.lock:
-            if len(self.entries) >= self.size:
-                # Drop the oldest quarter (dicts keep insertion order).
-                for old in list(self.entries)[: self.size // 4]:
-                    del self.entries[old]
-            self.entries[key] = (time.monotonic(), value)
+            if key in self.entries:
+                self.drop(key)
+            self.entries[key] = (time.monotonic(), encoded)
+            self.used += len(encoded) + self.ENTRY_OVERHEAD
+            while self.used > self.size_bytes:
+                self.drop(next(iter(self.entries)))
+
+    def drop(self, key):
+        """Forget one entry (the caller holds the lock)."""
+        self.used -= len(self.entries.pop(key)[1]) + self.ENTRY_OVERHEAD
 
     def clear(self):
         with self.lock:
             self.entries.clear()
+            self.used = 0
 
 
 def search(app, q, language, page):

@@ -1,6 +1,11 @@
 """Search: ranking, language, partial words, phrases, hostile input, paging."""
 
+import time
+import tracemalloc
+
 import pytest
+
+import app as whoknows
 
 
 def titles(response):
@@ -211,3 +216,39 @@ def test_danish_query_from_the_form_is_decoded(client, add_page):
     add_page("Smørrebrød", "rugbrød med pålæg", language="da")
     page = client.get("/?q=sm%C3%B8rrebr%C3%B8d&language=da")
     assert "Smørrebrød" in page.text and "1 result " in page.text
+
+
+def test_a_repeated_search_from_the_result_cache_answers_as_the_first(client, app, add_page):
+    add_page("Blåbær og hindbær", "Blåbær vokser i skoven, hindbær i haven.", language="da")
+    add_page("Blåbær", "Blåbær om sommeren.", language="da", last_updated=None)
+    add_page("Hindbær", "Hindbær om efteråret.", language="da")
+    long_question = " ".join(["blåbær", "hindbær"] + [f"ord{n}" for n in range(70)])
+    answers = {}
+    for q in ("blåbær hindbær", long_question):
+        params = {"q": q, "language": "da"}
+        answers[q] = client.get("/api/search", params).json, client.get("/", params).text
+        assert (q.lower(), "da", 1) in app.search_cache.entries  # the repeat is served from the cache
+        assert (client.get("/api/search", params).json, client.get("/", params).text) == answers[q]
+    api, page = answers["blåbær hindbær"]
+    assert "Missing:" in page and [item["last_updated"] for item in api["data"]].count(None) == 1
+    assert "were left out" in answers[long_question][1]  # the notice comes from the cache too
+
+
+def test_the_result_cache_keeps_to_its_memory_budget(db, add_page):
+    for n in range(20):
+        add_page(f"Page {n} about budgets", f"budget {n} " + "words about budgets and their keeping " * 20)
+    result = whoknows.run_search(db, "budget", "en", 1)
+    cache = whoknows.SearchCache(60, size_bytes=400_000)
+    tracemalloc.start()
+    for n in range(150):
+        cache.put((f"query {n}", "en", 1), result)
+        assert cache.get(("query 0", "en", 1)) == result  # asked for again and again
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert 0 < cache.used <= 400_000 and held <= 400_000 * 1.25  # what it counts is what it holds
+    kept = [n for n in range(150) if (f"query {n}", "en", 1) in cache.entries]
+    assert kept[0] == 0 and kept[1:] == list(range(150 - len(kept) + 1, 150))  # the least recently used went
+    key, (_, encoded) = next(iter(cache.entries.items()))
+    cache.entries[key] = (time.monotonic() - 61, encoded)  # stored 61 seconds ago
+    used = cache.used
+    assert cache.get(key) is None and key not in cache.entries and cache.used < used
