@@ -669,6 +669,8 @@ def measure_all(url, port, mix, kinds, connections, args):
         runs[f"/api/search, SEARCH_LOG={setting}", connections[0]] = measure(
             api_paths, connections[0], accept="application/json", SEARCH_LOG=setting
         )
+    log(f"the server's memory with full result caches ({6 * args.duration} s)")
+    full_cache = full_cache_memory(url, port, mix, args.duration)
     log("per-kind cost of a first page, in process (1 connection, no result cache)")
     kind_rows = kind_costs(url, kinds)
     log("each distinct query of the mix once, in process")
@@ -693,12 +695,37 @@ def measure_all(url, port, mix, kinds, connections, args):
             }
         )
     rss = [sample for sampler in samplers for sample in sampler.samples]
-    return {"rows": rows, "kinds": kind_rows, "mix": mix_figures, "fidelity": fidelity_rows, "rss": rss}
+    return {
+        "rows": rows,
+        "kinds": kind_rows,
+        "mix": mix_figures,
+        "fidelity": fidelity_rows,
+        "rss": rss,
+        "full_cache_memory": full_cache,
+    }
 
 
-def server_memory(samples, workers):
+def full_cache_memory(url, port, mix, duration):
+    """The server's memory once it has run a while: one server, wrk at 32
+    connections over the mix's distinct queries (each new to a worker the
+    first time round) for six load runs' time, so that every worker's result
+    cache fills up and its heap reaches what a long run holds; a 10 s load
+    run fills neither. Returns (RssSampler samples, requests, distinct queries)."""
+    paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in distinct_queries(mix, None)]
+    server = serve(url, port)
+    sampler = RssSampler(server.pid)
+    sampler.start()
+    try:
+        requests = wrk(port, paths, 32, 6 * duration, accept="application/json")["requests"]
+    finally:
+        sampler.running = False
+        server.terminate()
+        server.wait(30)
+    return sampler.samples, requests, len(paths)
+
+
+def server_memory(samples, workers, line):
     """The report's line on the server's memory, from RssSampler's samples."""
-    line = "- server memory (each load run has its own server, started with an empty result cache"
     if workers == 1:
         rss = [sample[0] for sample in samples]
         return f"{line}): RSS max {max(rss):.0f} MB, median {statistics.median(rss):.0f} MB"
@@ -713,6 +740,7 @@ def server_memory(samples, workers):
 def write_report(args, mix, load, size, report, settings):
     """Print the report and write it to bench/results/."""
     kind_rows, rss = report["kinds"], report["rss"]
+    full_samples, full_requests, distinct = report["full_cache_memory"]
     cost = {row[0]: row[3] for row in kind_rows}
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
     where = "BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else "the embedded server"
@@ -744,7 +772,17 @@ def write_report(args, mix, load, size, report, settings):
         f"{load['pages_per_s']:,} pages/s"
         if load
         else "- import: not measured (`--reuse`: the database of an earlier run)",
-        server_memory(rss, int(os.environ["WORKERS"])),
+        server_memory(
+            rss,
+            int(os.environ["WORKERS"]),
+            "- server memory in the load runs (each has its own server, started with an empty result cache",
+        ),
+        server_memory(
+            full_samples,
+            int(os.environ["WORKERS"]),
+            f"- server memory with full result caches (one server, {args.duration * 6} s at 32 connections over "
+            f"the {distinct:,} distinct queries, {full_requests:,} requests",
+        ),
         "",
         "| rank fidelity (top-10 overlap with the exhaustive ranking) | queries | mean | exact | worst |",
         "|---|---|---|---|---|",
