@@ -73,7 +73,7 @@ end
 
 
 class Sampler(threading.Thread):
-    """Every second: the server's RSS and its open database connections."""
+    """Every `every` seconds: the server's RSS and its open database connections."""
 
     def __init__(self, pid, url, every=1.0):
         super().__init__(daemon=True)
@@ -132,7 +132,7 @@ def test_soak_mixed_load_keeps_memory_and_connections_flat(private_postgres, tmp
                 ],
             )
         server = RunningApp(url)
-        sampler = Sampler(server.process.pid, url)
+        sampler = Sampler(server.process.pid, url, every=0.25)
         wrk = None
         try:
             status, _, body, _ = request(
@@ -179,12 +179,16 @@ def test_soak_mixed_load_keeps_memory_and_connections_flat(private_postgres, tmp
         first_minute, last_minute = (0, duration / 2), (duration / 2, duration)
     # Each password hash maps a 32 MiB scrypt buffer for ~80 ms (two at most),
     # so a sample shows 0, 32 or 64 MiB on top of the heap, and a window's
-    # median can flip by 32 MiB with no leak. The low decile (the RSS between
-    # hashes) is what a leak would raise; the medians are printed as well.
+    # median can flip by 32 MiB with no leak. At this load a hash is in
+    # flight most of the time, so even a window's low decile of one sample a
+    # second flipped (CI: 88.5 MB, then 108.7, while the lows of the samples
+    # in between stayed at 86-91). The floor, the lowest of four samples a
+    # second, is the RSS between hashes: what a leak would raise. The medians
+    # are printed as well.
     rss_warm = statistics.median(window(samples, *warm, 1))
     rss_last = statistics.median(window(samples, *last, 1))
-    low_warm = statistics.quantiles(window(samples, *warm, 1), n=10)[0]
-    low_last = statistics.quantiles(window(samples, *last, 1), n=10)[0]
+    low_warm = min(window(samples, *warm, 1))
+    low_last = min(window(samples, *last, 1))
     conns_first_max = max(window(samples, *first_minute, 2))
     conns_last_mean = statistics.mean(window(samples, *last_minute, 2))
     conns_max = max(s[2] for s in samples)
@@ -195,12 +199,12 @@ def test_soak_mixed_load_keeps_memory_and_connections_flat(private_postgres, tmp
         f"latency p50 {result['p50_us'] / 1e3:.1f} ms p99 {result['p99_us'] / 1e3:.0f} ms "
         f"max {result['max_us'] / 1e3:.0f} ms, socket errors connect/read/write/timeout {socket_errors(result)}; "
         f"RSS median {rss_warm:.1f} MB at {warm[0]:.0f}-{warm[1]:.0f} s, "
-        f"{rss_last:.1f} MB at {last[0]:.0f}-{last[1]:.0f} s, low decile {low_warm:.1f} -> {low_last:.1f} MB "
+        f"{rss_last:.1f} MB at {last[0]:.0f}-{last[1]:.0f} s, floor {low_warm:.1f} -> {low_last:.1f} MB "
         f"(min {min(s[1] for s in samples):.1f}, max {max(s[1] for s in samples):.1f}); "
         f"db connections first-minute max {conns_first_max}, last-minute mean {conns_last_mean:.1f}, "
         f"max {conns_max} (pool max {POOL_MAX_SIZE}); {len(samples)} samples"
     )
-    print("soak samples (s, RSS MB, connections):", [(round(t), round(r, 1), c) for t, r, c in samples[::10]])
+    print("soak samples (s, RSS MB, connections):", [(round(t), round(r, 1), c) for t, r, c in samples[::40]])
 
     fivexx = {c: n for c, n in codes.items() if c >= 500}
     assert not fivexx, f"5xx responses: {fivexx}; server errors: {errors[:5]}"
@@ -215,7 +219,7 @@ def test_soak_mixed_load_keeps_memory_and_connections_flat(private_postgres, tmp
         print("soak: under 120 s, too short to judge memory growth (the first minute is warm-up)")
         return
     assert low_last <= max(low_warm * 1.15, low_warm + 20), (
-        f"memory grew: low-decile RSS {low_warm:.1f} MB in {warm} s, {low_last:.1f} MB in {last} s "
+        f"memory grew: RSS floor {low_warm:.1f} MB in {warm} s, {low_last:.1f} MB in {last} s "
         f"(medians {rss_warm:.1f} and {rss_last:.1f} MB)"
     )
     # Flat, not growing: later minutes may reach what the server can use at
