@@ -706,22 +706,15 @@ def measure_all(url, port, mix, kinds, connections, args):
 
 
 def full_cache_memory(url, port, mix, duration):
-    """The server's memory once it has run a while: one server, wrk at 32
-    connections over the mix's distinct queries (each new to a worker the
-    first time round) for six load runs' time, so that every worker's result
-    cache fills up and its heap reaches what a long run holds; a 10 s load
-    run fills neither. Returns (RssSampler samples, requests, distinct queries)."""
+    """The server's memory once it has run a while: one load run of six runs'
+    time at 32 connections over the mix's distinct queries (each new to a
+    worker the first time round), so that every worker's result cache fills
+    up and its heap reaches what a long run holds; a 10 s load run fills
+    neither. Returns (RssSampler samples, requests, distinct queries)."""
     paths = ["/api/search?" + urlencode({"q": q, "language": lang}) for lang, q in distinct_queries(mix, None)]
-    server = serve(url, port)
-    sampler = RssSampler(server.pid)
-    sampler.start()
-    try:
-        requests = wrk(port, paths, 32, 6 * duration, accept="application/json")["requests"]
-    finally:
-        sampler.running = False
-        server.terminate()
-        server.wait(30)
-    return sampler.samples, requests, len(paths)
+    samplers = []
+    figures = load_run(url, port, paths, 32, 6 * duration, samplers, accept="application/json")
+    return samplers[0].samples, figures["requests"], len(paths)
 
 
 def server_memory(samples, workers, line):
