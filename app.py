@@ -36,6 +36,7 @@ import heapq
 import hmac
 import html
 import http.client
+import importlib
 import ipaddress
 import json
 import logging
@@ -64,7 +65,6 @@ from urllib.parse import quote, urlencode, urlsplit
 import bottle
 import dotenv
 import jinja2
-import numpy
 import prometheus_client
 import prometheus_client.multiprocess
 import psycopg
@@ -72,6 +72,24 @@ import psycopg.sql
 from markupsafe import Markup
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
+
+
+class ImportedOnUse:
+    """A module imported the first time one of its attributes is used; it
+    then takes this stand-in's place among this file's globals."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        module = importlib.import_module(self.name)
+        globals()[self.name] = module
+        return getattr(module, attribute)
+
+
+# Only a search ranks with numpy. The supervisor of `serve` (WORKERS > 1)
+# never searches, and is 13 MB smaller without it (bench/README.md, "Workers").
+numpy = ImportedOnUse("numpy")
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("whoknows")
@@ -1609,10 +1627,10 @@ class Candidate:
 
 
 # array_send's binary form of a bigint[]: a header, then per element its
-# length and its value, big-endian.
-ENTRY = numpy.dtype([("length", ">i4"), ("value", ">i8")])
+# length and its value, big-endian (numpy's dtype, and its 12 bytes).
+ENTRY = [("length", ">i4"), ("value", ">i8")]
+ENTRY_BYTES = 12
 TIER = 1 << 40  # above any score: a key of tier * TIER + score orders pages by (matches every group, score)
-EMPTY = numpy.empty(0, numpy.int64)
 TABLE_RANGE = 1 << 24  # page ids spread over at most this many values are matched by a lookup table
 
 
@@ -1634,7 +1652,7 @@ def decode_chunks(segments, chunks, with_segments):
     entries = numpy.frombuffer(b"".join(bodies), ENTRY)["value"].astype(numpy.int64)
     if not with_segments:
         return entries, None
-    return entries, numpy.repeat(numpy.array(segments, numpy.int64), [len(body) // ENTRY.itemsize for body in bodies])
+    return entries, numpy.repeat(numpy.array(segments, numpy.int64), [len(body) // ENTRY_BYTES for body in bodies])
 
 
 class Ranker:
@@ -1799,7 +1817,8 @@ class Ranker:
             for group in range(self.search.group_count):
                 members = [i for i, term in enumerate(self.search.terms) if term.group == group]
                 if all(self.bounds[i] == 0 for i in members):
-                    complete.append(numpy.concatenate([e for i in members for e in self.entries[i]] or [EMPTY]) >> 32)
+                    entries = [e for i in members for e in self.entries[i]] or [numpy.empty(0, numpy.int64)]
+                    complete.append(numpy.concatenate(entries) >> 32)
             if not complete:
                 return None
             complete.sort(key=len)
@@ -1817,7 +1836,7 @@ class Ranker:
 
         def compute():
             count = self.search.group_count
-            per_term = [numpy.concatenate(chunks) if chunks else EMPTY for chunks in self.entries]
+            per_term = [numpy.concatenate(chunks) if chunks else numpy.empty(0, numpy.int64) for chunks in self.entries]
             if only is not None:
                 per_term = [entries[among(entries >> 32, only)] for entries in per_term]
             pages, where = numpy.unique(numpy.concatenate(per_term) >> 32, return_inverse=True)
@@ -3602,6 +3621,7 @@ class Server:
 
         settings = app.settings
         self.app = app
+        importlib.import_module("numpy")  # what searches rank with: loaded now, not by the first search
         self.in_flight = InFlight(app)
         self.connections = {}  # waitress's socket map
         try:

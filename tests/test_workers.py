@@ -154,6 +154,11 @@ def test_workers_share_the_port_and_their_metrics(served):
             frozen.resume()
     # Counters add up over the workers, whichever one answers the scrape.
     assert [scrape(server.base)[searches] - before for _ in range(4)] == [20] * 4
+    # The workers rank with numpy; the supervisor, which never searches, does not load it.
+    loads_numpy = [
+        any("numpy" in m.path for m in p.memory_maps()) for p in (psutil.Process(server.process.pid), first, second)
+    ]
+    assert loads_numpy == [False, True, True]
     # Each worker's pools count: the gauges add up over the live workers.
     pool = ("whoknows_db_pool_size", (("pool", "primary"),))
     wait_for(lambda: scrape(server.base)[pool] >= 2 * 2, 15, "the pool gauges did not add up")  # min_size 2 each
