@@ -88,7 +88,7 @@ class ImportedOnUse:
 
 
 # Only a search ranks with numpy. The supervisor of `serve` (WORKERS > 1)
-# never searches, and is 13 MB smaller without it (bench/README.md, "Workers").
+# never searches, and is about 12 MB smaller without it (bench/README.md, "Workers").
 numpy = ImportedOnUse("numpy")
 
 ROOT = Path(__file__).resolve().parent
@@ -1627,7 +1627,7 @@ class Candidate:
 
 
 # array_send's binary form of a bigint[]: a header, then per element its
-# length and its value, big-endian (numpy's dtype, and its 12 bytes).
+# length and its value, big-endian: 12 bytes an entry.
 ENTRY = [("length", ">i4"), ("value", ">i8")]
 ENTRY_BYTES = 12
 TIER = 1 << 40  # above any score: a key of tier * TIER + score orders pages by (matches every group, score)
