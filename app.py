@@ -3324,7 +3324,6 @@ def import_pages(conn, records, out):
         removed += 1
         print(f"skipped line {row['lineno']}: the same url appears again later ({row['url']})", file=out)
     counts["skipped"] += removed
-    progress.note("merging into pages...")
     bulk = seen - removed >= BULK_IMPORT_ROWS and seen - removed > conn.execute(sql("count_pages")).fetchone()["n"]
     indexes = []
     if bulk:
@@ -3338,7 +3337,19 @@ def import_pages(conn, records, out):
         for index in indexes:
             # An index name from the catalog, quoted as an identifier by psycopg.sql.
             conn.execute(psycopg.sql.SQL("DROP INDEX {}").format(psycopg.sql.Identifier(index["name"])))
-    written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
+        # The vectors in parallel (a CREATE TABLE AS can use parallel
+        # workers; the INSERT that a generated column computed them in never
+        # did), supplied to the upsert since the pages_vector trigger is off.
+        progress.note("computing the pages' vectors...")
+        conn.execute(sql("create_import_texts"))
+        conn.execute(sql("create_import_vectors"))
+        conn.execute(sql("drop_import_texts"))
+        progress.note("merging into pages...")
+        written = conn.execute(sql("upsert_pages_with_vectors")).fetchall()
+        conn.execute(sql("drop_import_vectors"))
+    else:
+        progress.note("merging into pages...")
+        written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
     if bulk:
         conn.execute(sql("enable_page_triggers"))
         progress.note("rebuilding the title index...")

@@ -214,6 +214,40 @@ def test_bulk_import_rebuilds_the_title_index_and_the_whole_search_index(app, tm
     assert client.get("/api/search", {"q": "small"}).json["data"][0]["title"] == "Title 9"
 
 
+def test_every_write_keeps_a_pages_vector_in_step_with_its_text(app, tmp_path, db, client, monkeypatch):
+    """A bulk import supplies the vectors it computed in parallel, with its
+    page triggers off; every other write gets its vector from the trigger."""
+
+    def out_of_step():
+        stale = "SELECT count(*) AS n FROM pages WHERE search IS DISTINCT FROM "
+        stale += "whoknows_page_vector(language, title, content)"
+        return db.execute(stale).fetchone()["n"]
+
+    def top_title(q, language="en"):
+        data = client.get("/api/search", {"q": q, "language": language}).json["data"]
+        return data[0]["title"] if data else None
+
+    import_quietly(write_jsonl(tmp_path / "first.jsonl", [page(1, content="original words")]), app.db)
+    monkeypatch.setattr(whoknows, "BULK_IMPORT_ROWS", 2)
+    pages = [page(1, content="rewritten gazelle", language="da"), page(2, content="zebra"), page(3)]
+    summary, _ = import_quietly(write_jsonl(tmp_path / "bulk.jsonl", pages), app.db)
+    assert summary["pages"] == {"inserted": 2, "updated": 1, "unchanged": 0, "skipped": 0}
+    assert out_of_step() == 0
+    assert top_title("gazelle", "da") == "Title 1" and top_title("original") is None and top_title("zebra") == "Title 2"
+    leftovers = db.execute("SELECT to_regclass('import_texts') AS t, to_regclass('import_vectors') AS v").fetchone()
+    assert leftovers == {"t": None, "v": None}
+
+    # The trigger is on again after the bulk import, and no writer sets a vector of its own.
+    db.execute("UPDATE pages SET content = 'antelope' WHERE url = 'https://example.org/2'")
+    db.execute("UPDATE pages SET search = to_tsvector('simple', 'forged') WHERE url = 'https://example.org/3'")
+    db.execute(
+        "INSERT INTO pages (title, url, content, search) VALUES ('New', 'https://example.org/9', 'okapi', 'forged')"
+    )
+    assert out_of_step() == 0
+    assert db.execute("SELECT count(*) AS n FROM pages WHERE search @@ 'forged'").fetchone()["n"] == 0
+    assert top_title("antelope") == "Title 2" and top_title("okapi") == "New"
+
+
 def test_a_bulk_import_leaves_its_transaction_with_the_usual_planner_settings(app, tmp_path, monkeypatch):
     """The index build turns sorts off and raises work_mem for itself only:
     the caller's later queries in the same transaction (the crawler's) plan as usual."""
