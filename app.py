@@ -3344,13 +3344,10 @@ def import_pages(conn, records, out):
         conn.execute(sql("create_import_texts"))
         conn.execute(sql("create_import_vectors"))
         conn.execute(sql("drop_import_texts"))
-        progress.note("merging into pages...")
+    progress.note("merging into pages...")
+    if bulk:
         written = conn.execute(sql("upsert_pages_with_vectors")).fetchall()
         conn.execute(sql("drop_import_vectors"))
-    else:
-        progress.note("merging into pages...")
-        written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
-    if bulk:
         conn.execute(sql("enable_page_triggers"))
         progress.note("rebuilding the title index...")
         conn.execute(sql("set_index_build_memory"), {"memory": BUILD_MEMORY})
@@ -3358,6 +3355,7 @@ def import_pages(conn, records, out):
             conn.execute(index["definition"])  # from the catalog, not from input
         rebuild_index(conn, progress)
     else:
+        written = conn.execute(sql("upsert_pages_from_staging")).fetchall()
         index_queued(conn)
     counts["inserted"] = sum(1 for row in written if row["inserted"])
     counts["updated"] = len(written) - counts["inserted"]
