@@ -3,13 +3,17 @@
 -- the places (1-based) in %(lexemes)s of the query terms it contains, with
 -- their impacts; phrases_ok, whether it matches every required phrase of
 -- %(phrases)s; excluded, whether it contains an excluded word of
--- %(excluded)s. The vector is read from TOAST, and measured, once per page.
+-- %(excluded)s. The vector is measured once per page, and read from TOAST
+-- by each use (about 2 µs a page at 1M pages): a copy made once (|| '')
+-- would cost about 10 µs, more than the three reads of a search without
+-- phrases (bench/README.md, "A page's vector copied only when it is read
+-- often").
 WITH query AS (
     SELECT lexeme, term::integer AS term
     FROM unnest(%(lexemes)s::text[]) WITH ORDINALITY AS q(lexeme, term)
 ),
 candidates AS MATERIALIZED (
-    SELECT p.id, p.search || ''::tsvector AS search
+    SELECT p.id, p.search
     FROM pages AS p
     WHERE p.id = ANY(%(page_ids)s::bigint[])
 ),

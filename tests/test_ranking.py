@@ -427,6 +427,42 @@ def test_among_matches_page_ids_over_any_range(spread):
     assert whoknows.among(values, ids[:0]).tolist() == [False] * len(values)
 
 
+@pytest.mark.parametrize(
+    "terms, phrases",
+    [(2, []), (4, []), (5, []), (3, ["w0 w1", "w2 w3"])],
+    ids=["2-tests", "4-tests", "5-tests-copied", "3-terms-2-phrases-copied"],
+)
+def test_a_check_names_exactly_the_terms_a_vector_holds_whether_or_not_it_is_copied(db, terms, phrases):
+    """check_pages copies a page's vector once only for more than 4 tests
+    (else each test reads it again, which costs less): either way it names
+    the query terms each page holds, and a phrase passes where the page has it."""
+    words = ["w0", "w1", "w2", "w3", "w4", "w5"][:terms]
+    rng = random.Random(terms)
+    for n in range(40):
+        body = " ".join(rng.choices(["w0", "w1", "w2", "w3", "w4", "w5", "x"], k=rng.randint(1, 12)))
+        db.execute(
+            "INSERT INTO pages (title, url, language, content) VALUES (%s, %s, 'en', %s)",
+            (f"page {n}", f"https://example.org/c/{n}", body),
+        )
+    pages = db.execute("SELECT id, content FROM pages").fetchall()
+    params = {
+        "lexemes": whoknows.TextArray(words),
+        "page_ids": whoknows.IntArray([page["id"] for page in pages]),
+        "phrases": whoknows.TextArray(phrases),
+        "excluded": whoknows.TextArray([]),
+        "config": "english",
+    }
+    found = {row["id"]: (row["terms"], row["phrases_ok"]) for row in db.execute(whoknows.sql("check_pages"), params)}
+    expected = {
+        page["id"]: (
+            [place + 1 for place, word in enumerate(words) if word in page["content"].split()],
+            all(f" {phrase} " in f" {page['content']} " for phrase in phrases),
+        )
+        for page in pages
+    }
+    assert found == expected
+
+
 def test_a_search_ends_when_more_pages_tie_than_it_would_look_up_in_one_go(app, db, tmp_path, monkeypatch):
     """A filter (-word) leaves every candidate open until its vector is
     checked; 150 identical pages all tie with the 10th, more than one round's
