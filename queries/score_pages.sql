@@ -6,8 +6,8 @@
 -- %(excluded)s. The vector is measured once per page, and read from TOAST
 -- by each use (about 2 µs a page at 1M pages): a copy made once (|| '')
 -- would cost about 10 µs, more than the three reads of a search without
--- phrases (bench/README.md, "A page's vector copied only when it is read
--- often").
+-- phrases or exclusions (bench/README.md, "A page's vector copied only
+-- when it is read often").
 WITH query AS (
     SELECT lexeme, term::integer AS term
     FROM unnest(%(lexemes)s::text[]) WITH ORDINALITY AS q(lexeme, term)
