@@ -12,13 +12,10 @@ WITH query AS (
     SELECT lexeme, term::integer AS term
     FROM unnest(%(lexemes)s::text[]) WITH ORDINALITY AS q(lexeme, term)
 ),
-candidates AS MATERIALIZED (
-    SELECT p.id, p.search
+sized AS MATERIALIZED (
+    SELECT p.id, p.search, whoknows_body_length(p.search) AS body_length
     FROM pages AS p
     WHERE p.id = ANY(%(page_ids)s::bigint[])
-),
-sized AS MATERIALIZED (
-    SELECT id, search, whoknows_body_length(search) AS body_length FROM candidates
 )
 SELECT s.id,
        coalesce(t.terms, ARRAY[]::integer[]) AS terms,
