@@ -16,7 +16,10 @@
    (app.run_search: the database work of an uncached search), and checks rank
    fidelity: the fast top 10 against the exhaustive ranking, for the popular
    head of the mix and the 100 most common words of each language;
-6. prints a table and writes it to bench/results/.
+6. prints a table and writes it to bench/results/, with the speed targets:
+   at 100k pages the best throughput against 900 req/s, at another size the
+   share of the latest 100k report's throughput and the multiple of its p99
+   (bench/README.md).
 
 On another server (the system PostgreSQL 15 with its defaults):
     BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres make bench
@@ -57,6 +60,14 @@ import psycopg  # noqa: E402
 import app  # noqa: E402  (the bench times the app's own search functions)
 
 LEGACY_RPS = 3.0  # the legacy app at 100k pages on this machine (issue text)
+# The speed targets (issue 10): at REFERENCE_PAGES, /api/search at
+# TARGET_CONNECTIONS serves TARGET_RPS; another corpus keeps at least
+# TARGET_SHARE of that throughput, with a p99 at most TARGET_P99_TIMES the
+# reference's, run by run.
+REFERENCE_PAGES, TARGET_CONNECTIONS, TARGET_RPS, TARGET_SHARE, TARGET_P99_TIMES = 100_000, 8, 900, 0.5, 4
+SEARCH_RUNS = ("/api/search", "/api/search, SEARCH_LOG=false", "/api/search, SEARCH_LOG=true")
+REFERENCE_HOURS = dt.timedelta(hours=12)  # how old a reference report may be
+STAMP = "%Y-%m-%dT%H%M"  # a report's time in its file name
 NAIVE_SQL = """\
 SELECT p.id, p.title, p.url, p.language, p.last_updated
 FROM pages AS p, websearch_to_tsquery(:config::regconfig, :q) AS query
@@ -593,6 +604,69 @@ def ratio(a, b):
     return f"{a / b:.2f}" if b else "–"
 
 
+def search_runs(rows):
+    """The /api/search runs at TARGET_CONNECTIONS of a report's rows, in
+    SEARCH_RUNS order: [(run, req/s, p99 ms)]."""
+    found = {row["run"]: (row["run"], row["rps"], row["p99_ms"]) for row in rows if row["conns"] == TARGET_CONNECTIONS}
+    return [found[run] for run in SEARCH_RUNS if run in found]
+
+
+def report_search_runs(text):
+    """search_runs() read back from a report's table (bench/results/*.md)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 11 and cells[0] in SEARCH_RUNS and cells[1].isdigit():
+            rps, p99 = float(cells[2].replace(",", "")), float(cells[5])
+            rows.append({"run": cells[0], "conns": int(cells[1]), "rps": rps, "p99_ms": p99})
+    return search_runs(rows)
+
+
+def reference_report(results, suffix, stamp):
+    """The latest REFERENCE_PAGES report in results on the same kind of server
+    (file names ending in suffix) written in the REFERENCE_HOURS before stamp,
+    or None. The window keeps out the reports of other machines that the
+    repository holds, as long as the reference is run first on this one."""
+    pattern = re.compile(rf"{REFERENCE_PAGES}-(\d{{4}}-\d\d-\d\dT\d{{4}}){re.escape(suffix)}\.md")
+    now, found = dt.datetime.strptime(stamp, STAMP), None
+    for path in sorted(results.glob(f"{REFERENCE_PAGES}-*.md")):
+        match = pattern.fullmatch(path.name)
+        if match and dt.timedelta(0) < now - dt.datetime.strptime(match.group(1), STAMP) <= REFERENCE_HOURS:
+            found = path
+    return found
+
+
+def target_lines(pages, rows, reference):
+    """The report's lines on the speed targets: at REFERENCE_PAGES the best
+    throughput against TARGET_RPS; else each /api/search run against the
+    same run of the reference report (a path, or None when there is none)."""
+    runs = search_runs(rows)
+    if not runs:
+        return [f"- speed targets: no /api/search run at {TARGET_CONNECTIONS} connections"]
+    if pages == REFERENCE_PAGES:
+        best = max(rps for _, rps, _ in runs)
+        return [
+            f"- target {TARGET_RPS} req/s at {TARGET_CONNECTIONS} connections: best {best:,.0f} "
+            f"({best / TARGET_RPS:.0%} of it)"
+        ]
+    if reference is None:
+        return [
+            f"- against {REFERENCE_PAGES:,} pages: no report of that size on this kind of server in the "
+            f"{REFERENCE_HOURS.total_seconds() / 3600:.0f} hours before (run `make bench N={REFERENCE_PAGES}` first)"
+        ]
+    theirs = {run: (rps, p99) for run, rps, p99 in report_search_runs(reference.read_text())}
+    pairs = [(run, rps, p99, *theirs[run]) for run, rps, p99 in runs if run in theirs]
+    if not pairs:
+        return [f"- against `{reference.name}`: it has no /api/search run at {TARGET_CONNECTIONS} connections"]
+    shares = ", ".join(f"{rps / ref_rps:.0%}" for _, rps, _, ref_rps, _ in pairs)
+    times = ", ".join(f"{p99 / ref_p99:.1f}×" for _, _, p99, _, ref_p99 in pairs)
+    return [
+        f"- against `{reference.name}`, /api/search at {TARGET_CONNECTIONS} connections, run by run "
+        f"({' / '.join(run.partition(', ')[2] or 'first run' for run, *_ in pairs)}): "
+        f"throughput {shares} of its (target ≥ {TARGET_SHARE:.0%}); p99 {times} its p99 (target ≤ {TARGET_P99_TIMES}×)"
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=100_000)
@@ -735,7 +809,7 @@ def write_report(args, mix, load, size, report, settings):
     kind_rows, rss = report["kinds"], report["rss"]
     full_samples, full_requests, distinct = report["full_cache_memory"]
     cost = {row[0]: row[3] for row in kind_rows}
-    stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M")
+    stamp = dt.datetime.now().strftime(STAMP)
     where = "BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else "the embedded server"
     where += f" ({settings})"
     lines = [
@@ -756,11 +830,15 @@ def write_report(args, mix, load, size, report, settings):
     ]
     m = report["mix"]
     best_api = max(r["rps"] for r in report["rows"] if r["run"] == "/api/search")
+    # Two runs in one minute (on two servers) must not overwrite each other.
+    suffix = "-BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else ""
+    report_name = f"{args.pages}-{stamp}{suffix}.md"
     lines += [
         "",
         f"- each of {m['queries']:,} distinct queries of the mix once, in process: mean {m['mean_ms']:.1f} ms, "
         f"p50 {m['p50_ms']:.1f}, p99 {m['p99_ms']:.1f}, max {m['max_ms']:.1f}",
         f"- /api/search best ÷ legacy (3 req/s): {best_api / LEGACY_RPS:,.0f}×",
+        *target_lines(args.pages, report["rows"], reference_report(BENCH / "results", suffix, stamp)),
         f"- import (ranking index included): {load['pages']:,} pages in {load['seconds']} s = "
         f"{load['pages_per_s']:,} pages/s"
         if load
@@ -788,9 +866,7 @@ def write_report(args, mix, load, size, report, settings):
     lines += [f"| {name} | {bytes_ / 2**20:,.1f} MB |" for name, bytes_ in size.items()]
     text = "\n".join(lines) + "\n"
     print(text)
-    # Two runs in one minute (on two servers) must not overwrite each other.
-    suffix = "-BENCH_DATABASE_URL" if os.environ.get("BENCH_DATABASE_URL") else ""
-    out = BENCH / "results" / f"{args.pages}-{stamp}{suffix}.md"
+    out = BENCH / "results" / report_name
     out.write_text(text)
     log(f"written to {out.relative_to(ROOT)}")
 

@@ -81,3 +81,48 @@ def test_a_server_with_workers_counts_them_all():
     finally:
         worker.kill()
         worker.wait()
+
+
+def search_rows(figures, conns=8):
+    """Report rows for the /api/search runs: figures is [(req/s, p99 ms)] in SEARCH_RUNS order."""
+    rows = [{"run": "trivial /about (HTTP limit)", "conns": conns, "rps": 5000.0, "p99_ms": 1.0}]
+    for name, (rps, p99) in zip(run.SEARCH_RUNS, figures):
+        rows.append({"run": name, "conns": conns, "rps": rps, "p99_ms": p99})
+    for row in rows:
+        row.update(p50_ms=1.0, p95_ms=2.0, errors=0, http="", naive="", app_cpu=None, db_cpu=None)
+    return rows
+
+
+def write_reference(folder, name, figures):
+    (folder / name).write_text("# Search benchmark\n\n" + run.table(search_rows(figures)) + "\n")
+
+
+def test_the_reference_size_reports_its_best_throughput_against_the_target():
+    lines = run.target_lines(100_000, search_rows([(600.4, 50.0), (630.0, 40.0), (450.0, 60.0)]), None)
+    assert lines == ["- target 900 req/s at 8 connections: best 630 (70% of it)"]
+
+
+def test_a_larger_corpus_is_compared_run_by_run_with_the_latest_reference_of_its_kind_of_server(tmp_path):
+    suffix = "-BENCH_DATABASE_URL"
+    write_reference(tmp_path, f"100000-2026-12-08T0100{suffix}.md", [(400.0, 80.0)] * 3)
+    write_reference(tmp_path, f"100000-2026-12-08T0115{suffix}.md", [(500.0, 50.0), (400.0, 40.0), (600.0, 60.0)])
+    write_reference(tmp_path, "100000-2026-12-08T0120.md", [(900.0, 10.0)] * 3)  # the embedded server's
+    write_reference(tmp_path, f"100000-2026-12-08T0200{suffix}.md", [(900.0, 10.0)] * 3)  # written after
+    reference = run.reference_report(tmp_path, suffix, "2026-12-08T0144")
+    assert reference.name == f"100000-2026-12-08T0115{suffix}.md"
+    rows = search_rows([(245.0, 250.0), (220.0, 80.0), (330.0, 120.0)])
+    (line,) = run.target_lines(1_000_000, rows, reference)
+    assert f"against `100000-2026-12-08T0115{suffix}.md`" in line
+    assert "throughput 49%, 55%, 55% of its (target ≥ 50%)" in line
+    assert "(first run / SEARCH_LOG=false / SEARCH_LOG=true)" in line
+    assert "p99 5.0×, 2.0×, 2.0× its p99 (target ≤ 4×)" in line
+    # Runs at other connection counts are not compared.
+    (line,) = run.target_lines(1_000_000, search_rows([(245.0, 250.0)], conns=32), reference)
+    assert line == "- speed targets: no /api/search run at 8 connections"
+
+
+def test_a_reference_older_than_the_window_or_none_at_all_is_not_used(tmp_path):
+    write_reference(tmp_path, "100000-2026-12-07T1300.md", [(500.0, 50.0)] * 3)  # 12 h 44 min before
+    assert run.reference_report(tmp_path, "", "2026-12-08T0144") is None
+    (line,) = run.target_lines(1_000_000, search_rows([(245.0, 250.0)] * 3), None)
+    assert line.startswith("- against 100,000 pages: no report of that size") and "make bench N=100000" in line
