@@ -1,5 +1,6 @@
-"""The speed benchmark's CPU accounting (bench/run.py): what each load run
-reports as the app's and the database's CPU per request."""
+"""The speed benchmark (bench/run.py): what each load run reports as the
+app's and the database's CPU per request, and the speed targets each report
+prints."""
 
 import importlib.util
 import os
@@ -99,7 +100,7 @@ def write_reference(folder, name, figures):
 
 def test_the_reference_size_reports_its_best_throughput_against_the_target():
     lines = run.target_lines(100_000, search_rows([(600.4, 50.0), (630.0, 40.0), (450.0, 60.0)]), None)
-    assert lines == ["- target 900 req/s at 8 connections: best 630 (70% of it)"]
+    assert lines == ["- target 900 req/s at 8 connections: the best run (SEARCH_LOG=false) served 630, 70.0% of it"]
 
 
 def test_a_larger_corpus_is_compared_run_by_run_with_the_latest_reference_of_its_kind_of_server(tmp_path):
@@ -113,16 +114,27 @@ def test_a_larger_corpus_is_compared_run_by_run_with_the_latest_reference_of_its
     rows = search_rows([(245.0, 250.0), (220.0, 80.0), (330.0, 120.0)])
     (line,) = run.target_lines(1_000_000, rows, reference)
     assert f"against `100000-2026-12-08T0115{suffix}.md`" in line
-    assert "throughput 49%, 55%, 55% of its (target ≥ 50%)" in line
     assert "(first run / SEARCH_LOG=false / SEARCH_LOG=true)" in line
-    assert "p99 5.0×, 2.0×, 2.0× its p99 (target ≤ 4×)" in line
-    # Runs at other connection counts are not compared.
+    assert "throughput 49.0%, 55.0%, 55.0% of its (target ≥ 50%)" in line
+    assert "p99 5.00×, 2.00×, 2.00× its p99 (target ≤ 4×)" in line
+    # A report with no /api/search run at 8 connections has nothing to compare.
     (line,) = run.target_lines(1_000_000, search_rows([(245.0, 250.0)], conns=32), reference)
     assert line == "- speed targets: no /api/search run at 8 connections"
 
 
+def test_only_the_runs_both_reports_have_are_compared_and_a_zero_divides_nothing(tmp_path):
+    write_reference(tmp_path, "100000-2026-12-08T0115.md", [(500.0, 0.0)])  # its first run only
+    rows = search_rows([(245.0, 250.0), (220.0, 80.0), (330.0, 120.0)])
+    (line,) = run.target_lines(1_000_000, rows, tmp_path / "100000-2026-12-08T0115.md")
+    assert "run by run (first run): throughput 49.0% of its" in line and "p99 – its p99" in line
+    write_reference(tmp_path, "100000-2026-12-08T0116.md", [])  # no /api/search run
+    (line,) = run.target_lines(1_000_000, rows, tmp_path / "100000-2026-12-08T0116.md")
+    assert line == "- against `100000-2026-12-08T0116.md`: it has no /api/search run at 8 connections"
+
+
 def test_a_reference_older_than_the_window_or_none_at_all_is_not_used(tmp_path):
-    write_reference(tmp_path, "100000-2026-12-07T1300.md", [(500.0, 50.0)] * 3)  # 12 h 44 min before
-    assert run.reference_report(tmp_path, "", "2026-12-08T0144") is None
+    write_reference(tmp_path, "100000-2026-12-07T1300.md", [(500.0, 50.0)] * 3)
+    assert run.reference_report(tmp_path, "", "2026-12-08T0100").name == "100000-2026-12-07T1300.md"  # 12 h before
+    assert run.reference_report(tmp_path, "", "2026-12-08T0101") is None  # 12 h 1 min before
     (line,) = run.target_lines(1_000_000, search_rows([(245.0, 250.0)] * 3), None)
     assert line.startswith("- against 100,000 pages: no report of that size") and "make bench N=100000" in line
