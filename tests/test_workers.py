@@ -208,14 +208,15 @@ def test_a_dead_worker_is_replaced_and_the_other_serves_meanwhile(served):
     victim, survivor = workers_of(server.process)
     victim.kill()
     assert get(f"{server.base}/healthz")[0] == 200  # the survivor answers
+
     # The killed worker may still look alive for a moment: wait for it to be
     # gone and another to take its place, or a SIGTERM could come before the
     # supervisor noticed, and then it replaces no one.
-    wait_for(
-        lambda: victim.pid not in [w.pid for w in workers_of(server.process)] and len(workers_of(server.process)) == 2,
-        15,
-        "no worker replaced the dead one",
-    )
+    def replaced():
+        pids = [w.pid for w in workers_of(server.process)]
+        return victim.pid not in pids and len(pids) == 2
+
+    wait_for(replaced, 15, "no worker replaced the dead one")
     assert victim.pid not in [w.pid for w in workers_of(server.process)] and alive(survivor)
     wait_for(lambda: get(f"{server.base}/healthz")[0] == 200)
     server.process.send_signal(signal.SIGTERM)
